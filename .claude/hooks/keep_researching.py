@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Stop hook: while a research session is active, turn "stop" into "continue" with the next step.
+
+Why: the human is asleep, and the most common failure of an overnight agent is stopping after a
+few experiments to ask "shall I continue?". Asking nicely in program.md is not enough, so this
+hook answers the stop with {"decision": "block", "reason": ...}, and the reason becomes the
+agent's next instruction: decide the pending experiment, or run the top of its Ideas Queue.
+
+It lets the agent stop when
+- a STOP file exists at the project root (the human's off switch),
+- there is no research session (no runs/session.json: not started with `uv run scripts/setup.py`),
+- the session's deadline or max_experiments (set at setup) has passed, or
+- it has already blocked MAX_BLOCKS times in a row with no new ledger row in between: a stuck
+  agent must not burn tokens all night. The count lives in runs/stop_hook.json (untracked) and
+  starts again whenever the ledger grows.
+
+Usage: python3 .claude/hooks/keep_researching.py < payload.json
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from research_state import (  # noqa: E402
+    best_kept,
+    budget_spent,
+    count_experiments,
+    project_root,
+    read_json,
+    read_ledger,
+    read_notes_sections,
+    read_pending,
+    read_session,
+    top_ideas,
+)
+
+MAX_BLOCKS = 3  # stops refused in a row without a new experiment before we let the agent go
+COUNTER_FILE = os.path.join("runs", "stop_hook.json")
+
+
+def write_counter(root, rows, blocks):
+    """Save {ledger_rows, blocks} atomically (a half-written counter must not reset itself)."""
+    path = os.path.join(root, COUNTER_FILE)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump({"ledger_rows": rows, "blocks": blocks}, handle)
+    os.replace(temporary, path)
+
+
+def next_step(root, rows):
+    """The instruction to give instead of stopping: decide, or run the next idea."""
+    pending = read_pending(root)
+    if pending:
+        what = pending.get("description") or pending.get("commit") or "the last experiment"
+        return (
+            f"An experiment awaits its decision ({what}): write its ANALYSIS block in notes.md, "
+            "then run `uv run scripts/decide.py keep` or `uv run scripts/decide.py discard`."
+        )
+    if not rows:
+        return 'Run the baseline first: `uv run scripts/experiment.py "baseline"` on train.py as it is.'
+    ideas = top_ideas(read_notes_sections(root), count=1)
+    idea = f"the top of your Ideas Queue in notes.md: {ideas[0]}" if ideas else (
+        "a new idea (your Ideas Queue in notes.md is empty: refill it, see the ml-experiment-loop skill)"
+    )
+    return (
+        f"Next: {idea}. Write its REASONING block in notes.md, edit train.py, then run "
+        '`uv run scripts/experiment.py "DESCRIPTION"`.'
+    )
+
+
+def decide(root):
+    """None to let the agent stop, or the reason to give it for going on."""
+    if os.path.exists(os.path.join(root, "STOP")):
+        return None
+    session = read_session(root)
+    if session is None:
+        return None
+    rows = read_ledger(root)
+    if budget_spent(session, rows):
+        return None
+    counter = read_json(os.path.join(root, COUNTER_FILE)) or {}
+    blocks = counter.get("blocks", 0) if counter.get("ledger_rows") == len(rows) else 0
+    if blocks >= MAX_BLOCKS:
+        write_counter(root, len(rows), 0)  # a human who resumes the session gets fresh patience
+        return None
+    write_counter(root, len(rows), blocks + 1)
+    best = best_kept(rows)
+    standing = f"best val_bpb {best['val_bpb']} ({best.get('commit', '')[:7]})" if best else "no kept result yet"
+    return (
+        f"Do not stop: the research session is active and the human is asleep "
+        f"({count_experiments(rows)} experiments, {standing}). {next_step(root, rows)} "
+        "Only the human ends the session (by creating a STOP file)."
+    )
+
+
+def main():
+    try:
+        payload = json.load(sys.stdin)
+    except ValueError:
+        payload = {}
+    reason = decide(project_root(payload))
+    if reason:
+        json.dump({"decision": "block", "reason": reason}, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
