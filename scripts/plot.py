@@ -1,0 +1,109 @@
+"""Draw progress.png from results.tsv: the picture to look at in the morning.
+
+Every experiment is a point in the order it ran; discarded ones are faint, kept ones are joined
+by the running-best step line and the new bests are labelled with their description; the
+baseline is a star; crashes are left out (they have no val_bpb) but counted in the title.
+Discarded runs far above the kept ones (a diverged run) are drawn as triangles at the top edge,
+so that one outlier does not squash the interesting part of the curve.
+
+Usage:
+    uv run scripts/plot.py [--output PATH]
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on a GPU box
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+LABEL_CHARACTERS = 32
+
+
+def shorten(text, limit=LABEL_CHARACTERS):
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def y_limits(kept, discarded):
+    """Zoom on the kept values, with room above them for discards up to half their span worse."""
+    values = [row.val_bpb for row in kept + discarded]
+    high = max(row.val_bpb for row in (kept or discarded))
+    span = max(high - min(values), abs(high) * 0.01, 1e-3)
+    return min(values) - 0.05 * span, high + 0.5 * span
+
+
+def draw(rows, title_tag, output):
+    runs = common.experiments(rows)
+    position = {id(row): number for number, row in enumerate(runs, start=1)}
+    kept = [row for row in runs if row.status == "keep"]
+    discarded = [row for row in runs if row.status == "discard"]
+    crashed = len(runs) - len(kept) - len(discarded)
+    fig, ax = plt.subplots(figsize=(12, 6), dpi=120)
+    if kept or discarded:
+        bottom, top = y_limits(kept, discarded)
+        inside = [row for row in discarded if row.val_bpb <= top]
+        above = [row for row in discarded if row.val_bpb > top]
+        ax.scatter([position[id(r)] for r in inside], [r.val_bpb for r in inside], s=14, color="0.55",
+                   alpha=0.35, label=f"discarded ({len(discarded)})")
+        if above:
+            ax.scatter([position[id(r)] for r in above], [top] * len(above), marker="^", s=18, color="0.55",
+                       alpha=0.35, clip_on=False, label=f"discarded, off the top ({len(above)})")
+        ax.scatter([position[id(r)] for r in kept], [r.val_bpb for r in kept], s=30, color="tab:green",
+                   zorder=3, label=f"kept ({len(kept)})")
+        new_bests, running = [], float("inf")
+        for row in kept:
+            if row.val_bpb < running:
+                running = row.val_bpb
+                new_bests.append(row)
+        if new_bests:
+            xs = [position[id(r)] for r in new_bests] + [len(runs)]
+            ys = [r.val_bpb for r in new_bests] + [new_bests[-1].val_bpb]
+            ax.step(xs, ys, where="post", color="tab:green", linewidth=1.5, label="running best")
+            for row in new_bests:
+                ax.annotate(shorten(row.description), (position[id(row)], row.val_bpb), xytext=(4, 5),
+                            textcoords="offset points", fontsize=7, rotation=20, color="darkgreen")
+            baseline = kept[0]
+            ax.scatter([position[id(baseline)]], [baseline.val_bpb], marker="*", s=180, color="tab:blue",
+                       zorder=4, label=f"baseline {baseline.val_bpb:.6f}")
+            ax.axhline(baseline.val_bpb, color="tab:blue", linewidth=0.8, linestyle=":", alpha=0.6)
+        ax.set_ylim(bottom, top)
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlim(0.5, max(len(runs), 1) + 0.5)
+    ax.set_xlabel("experiment")
+    ax.set_ylabel("val_bpb (lower is better)")
+    ax.grid(alpha=0.25)
+    best = common.best_ever(rows)
+    best_text = f"; best {best.val_bpb:.6f}" if best else ""
+    ax.set_title(f"autoresearch {title_tag}: {len(runs)} experiments, {len(kept)} kept, "
+                 f"{len(discarded)} discarded, {crashed} crashed{best_text}")
+    fig.tight_layout()
+    temporary = output.with_name(f".{output.name}.tmp.png")
+    fig.savefig(temporary)
+    plt.close(fig)
+    os.replace(temporary, output)
+    return len(runs)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Draw progress.png from results.tsv.")
+    parser.add_argument("--output", default=str(common.PROGRESS_PLOT),
+                        help="where to write the picture (default: progress.png at the repository root)")
+    args = parser.parse_args()
+    rows = common.read_ledger()
+    if not common.experiments(rows):
+        raise common.Refusal("results.tsv has no experiments yet: nothing to plot")
+    output = Path(args.output).resolve()
+    tag = (common.load_session() or {}).get("tag") or common.current_branch() or ""
+    count = draw(rows, tag, output)
+    print(f"wrote {os.path.relpath(output)} ({count} experiments)")
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,134 @@
+"""Where the research session stands, in a few lines (or JSON for hooks and the loop).
+
+Branch and session, experiments per hour, the best val_bpb with its commit and description,
+minutes since the last improvement, counts by status, the noise band, the pending experiment,
+the session's stop condition, and the last five ledger rows.
+
+Usage:
+    uv run scripts/status.py [--json]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+RECENT_ROWS = 5
+
+
+def decided_at(commit, status="keep"):
+    """When the run of `commit` was decided as `status` (from its summary.json), or None."""
+    for path in sorted(common.RUNS_DIR.glob(f"[0-9][0-9][0-9][0-9]-{commit}/summary.json"), reverse=True):
+        decision = (common.read_json(path) or {}).get("decision") or {}
+        if decision.get("status") == status:
+            return common.parse_iso(decision["decided_at"])
+    return None
+
+
+def last_finished_at():
+    runs = sorted(common.RUNS_DIR.glob("[0-9][0-9][0-9][0-9]-*/summary.json"))
+    finished = (common.read_json(runs[-1]) or {}).get("finished_at") if runs else None
+    return common.parse_iso(finished) if finished else None
+
+
+def rerun_spread(rows):
+    """The largest val_bpb range among commits run more than once: a measured noise floor."""
+    by_commit = {}
+    for row in rows:
+        if row.status in ("keep", "discard"):
+            by_commit.setdefault(row.commit, []).append(row.val_bpb)
+    spreads = [max(values) - min(values) for values in by_commit.values() if len(values) > 1]
+    return max(spreads) if spreads else None
+
+
+def pending_summary(pending):
+    return {"id": pending["id"], "state": common.pending_state(pending), "verdict": pending.get("verdict"),
+            "val_bpb": pending.get("val_bpb"), "description": pending.get("description"),
+            "message": common.pending_message(pending)}
+
+
+def row_dict(row):
+    return row._asdict()
+
+
+def gather():
+    session = common.load_session()
+    rows = common.read_ledger()
+    if session is None and not rows:
+        raise common.Refusal("no research session here: run uv run scripts/setup.py first")
+    session = session or {}
+    now = datetime.datetime.now(datetime.timezone.utc)
+    runs = common.experiments(rows)
+    counts = {status: sum(row.status == status for row in rows) for status in common.STATUSES}
+    best, baseline = common.best_ever(rows), next((row for row in rows if row.status == "keep"), None)
+    improved_at = decided_at(best.commit) if best else None
+    started = common.parse_iso(session["started_at"]) if session.get("started_at") else None
+    until = last_finished_at() or now
+    hours = (until - started).total_seconds() / 3600 if started else None
+    pending = common.load_pending()
+    return {
+        "branch": common.current_branch(),
+        "session": session.get("tag"),
+        "profile": session.get("profile"),
+        "dataset": session.get("dataset"),
+        "started_at": session.get("started_at"),
+        "experiments": len(runs),
+        "per_hour": round(len(runs) / hours, 2) if hours and hours > 0 else None,
+        "counts": counts,
+        "best": row_dict(best) if best else None,
+        "baseline": row_dict(baseline) if baseline else None,
+        "frontier": row_dict(common.kept_lineage(rows)[-1]) if common.kept_lineage(rows) else None,
+        "minutes_since_improvement": round((now - improved_at).total_seconds() / 60, 1) if improved_at else None,
+        "noise_bpb": common.noise_band(session),
+        "noise_source": "session" if session.get("noise_bpb") is not None else "default",
+        "rerun_spread_bpb": rerun_spread(rows),
+        "pending": pending_summary(pending) if pending else None,
+        "deadline": session.get("deadline"),
+        "max_experiments": session.get("max_experiments"),
+        "stop_reason": common.stop_reason(session, rows) if session else None,
+        "last_rows": [row_dict(row) for row in rows[-RECENT_ROWS:]],
+    }
+
+
+def print_text(status):
+    rate = f", {status['per_hour']}/h" if status["per_hour"] is not None else ""
+    print(f"{status['branch']} (session {status['session']}, profile {status['profile']}): "
+          f"{status['experiments']} experiments{rate}")
+    best, baseline = status["best"], status["baseline"]
+    if best:
+        since = status["minutes_since_improvement"]
+        since = f"; last improvement {since:.0f} min ago" if since is not None else ""
+        print(f"best val_bpb {best['val_bpb']:.6f} ({best['commit']}: {best['description']}), "
+              f"baseline {baseline['val_bpb']:.6f} ({best['val_bpb'] - baseline['val_bpb']:+.6f}){since}")
+    counts = ", ".join(f"{name} {count}" for name, count in status["counts"].items())
+    spread = status["rerun_spread_bpb"]
+    spread = f", re-run spread {spread:.6f}" if spread is not None else ""
+    print(f"{counts}; noise band {status['noise_bpb']:g} ({status['noise_source']}){spread}")
+    if status["pending"]:
+        print(f"pending: {status['pending']['message']}")
+    if status["stop_reason"]:
+        print(f"stop: {status['stop_reason']}")
+    elif status["deadline"] or status["max_experiments"]:
+        print(f"limits: deadline {status['deadline']}, max_experiments {status['max_experiments']}")
+    for row in status["last_rows"]:
+        print(common.format_row(common.LedgerRow(**row)), end="")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Show where the research session stands.")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = parser.parse_args()
+    status = gather()
+    if args.json:
+        print(json.dumps(status, sort_keys=True))
+    else:
+        print_text(status)
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
