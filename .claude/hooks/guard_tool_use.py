@@ -19,6 +19,11 @@ Blocked:
 Compound commands (&&, ||, ;, |, &, newlines, ( ), $( ), backticks, bash -c '...', eval, heredocs
 fed to a shell) are split and each part is checked.
 
+.claude/settings.json backs this up: Bash and Read rules in `deny`, but Edit rules for protected
+files in `ask`, because Claude Code checks an Edit-path deny rule before any hook runs and answers
+with a generic message, while an ask rule comes after the hook (so this reason reaches the agent)
+and, unattended, nobody is there to grant it.
+
 Input: the PreToolUse JSON on stdin. Output: nothing (allowed) or a JSON "deny" decision with a
 one-line reason. A maintainer working on the harness itself (not a research session) starts
 Claude Code with AUTORESEARCH_MAINTAINER=1 to switch the guard off; the agent cannot set that.
@@ -147,7 +152,7 @@ def edit_reason(relative):
     """Why `relative` (a project path) may not be edited, naming what to do instead."""
     if relative == "prepare.py":
         what = "prepare.py is the fixed protocol (the referee of every result)"
-    elif relative in ("results.tsv", "results.tsv.example") or relative.startswith("runs/"):
+    elif relative in ("results.tsv", "results.tsv.example", "runs", "run.log") or relative.startswith("runs/"):
         what = f"{relative} is written by the helpers (`uv run scripts/decide.py`)"
     elif relative.startswith(("scripts/", ".claude/", "skills/", ".claude-plugin/")) or relative in (
         "program.md", "CLAUDE.md", "AGENTS.md"
