@@ -6,6 +6,7 @@ notes.md, and a session when one is needed) and points CLAUDE_PROJECT_DIR at it.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ def project(tmp_path):
     (tmp_path / "run.log").write_text("step\n" * 500)
     (tmp_path / "notes.md").write_text(NOTES)
     (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "common.py", tmp_path / "scripts" / "common.py")  # the hooks read state through it
     (tmp_path / ".claude" / "context" / "memory").mkdir(parents=True)
     return tmp_path
 
@@ -259,9 +261,18 @@ def test_stop_asks_for_the_baseline_on_an_empty_ledger(project):
 
 def test_stop_points_at_a_pending_decision(project):
     start_session(project, [ROW_KEEP])
-    (project / "runs" / "pending.json").write_text(json.dumps({"commit": "fff0000", "description": "depth 10"}))
+    pending = {"id": 3, "state": "finished", "commit": "fff0000", "description": "depth 10"}
+    (project / "runs" / "pending.json").write_text(json.dumps(pending))
     reason = stop(project)["reason"]
-    assert "depth 10" in reason and "uv run scripts/decide.py keep" in reason
+    assert "ANALYSIS" in reason and "uv run scripts/decide.py keep|discard" in reason
+
+
+def test_stop_allowed_when_the_state_is_unreadable(project):
+    start_session(project, [ROW_KEEP])
+    (project / "results.tsv").write_text("not a ledger\n")
+    assert stop(project) is None  # never trap the agent on a state we cannot read
+    (project / "scripts" / "common.py").unlink()
+    assert stop(project) is None
 
 
 def test_stop_allowed_once_a_stop_file_exists(project):
@@ -321,6 +332,7 @@ def test_brief_summarises_the_session(project, source):
     text = brief(project, source)
     assert "autoresearch/nov23" in text
     assert "val_bpb 0.991000 at abc1234" in text
+    assert "max" not in text and "deadline 2999" in text
     assert "lr 0.08" in text  # last rows
     assert "commit: abc1234" in text  # Best Known Config
     assert "Depth 10 at the same width" in text  # top ideas

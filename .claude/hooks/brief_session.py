@@ -18,31 +18,31 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from research_state import (  # noqa: E402
-    best_kept,
-    budget_spent,
-    count_experiments,
+    StateUnavailable,
     find_section,
     project_root,
-    read_ledger,
     read_notes_sections,
-    read_pending,
-    read_session,
+    read_state,
     top_ideas,
 )
 
 LAST_ROWS = 5
 MAX_SECTION_LINES = 12  # Best Known Config is meant to be short; cut it if it is not
 MAX_CHARS = 3000  # the whole briefing stays a small fraction of the context
+NO_SESSION = (
+    "autoresearch: no research session is active. To start one, read program.md and run "
+    "`uv run scripts/setup.py --tag TAG` (the ml-experiment-loop skill has the full loop)."
+)
 
 
 def briefing(root):
-    session = read_session(root)
-    if session is None:
-        return (
-            "autoresearch: no research session is active. To start one, read program.md and run "
-            "`uv run scripts/setup.py --tag TAG` (the ml-experiment-loop skill has the full loop)."
-        )
-    rows = read_ledger(root)
+    try:
+        state = read_state(root)
+    except StateUnavailable as error:
+        return f"autoresearch: the session state is unreadable ({error}); run `uv run scripts/status.py`."
+    if state is None:
+        return NO_SESSION
+    session, rows = state["session"], state["rows"]
     lines = [f"autoresearch session '{session.get('tag', '?')}' on branch {session.get('branch', '?')}, "
              f"started {session.get('started_at', '?')}."]
     limits = []
@@ -52,20 +52,18 @@ def briefing(root):
         limits.append(f"max {session['max_experiments']} experiments")
     if limits:
         lines.append("Budget: " + ", ".join(limits) + ".")
-    spent = budget_spent(session, rows)
-    if spent or os.path.exists(os.path.join(root, "STOP")):
-        lines.append(f"The session is over ({spent or 'a STOP file exists'}): write the morning report (research-report skill).")
-    best = best_kept(rows)
-    lines.append(f"Experiments: {count_experiments(rows)}; best kept: "
-                 + (f"val_bpb {best['val_bpb']} at {best.get('commit', '')[:7]} ({best.get('description', '')})" if best else "none yet (run the baseline)"))
+    over = state["stop_reason"] or ("a STOP file exists" if os.path.exists(os.path.join(root, "STOP")) else None)
+    if over:
+        lines.append(f"The session is over ({over}): write the morning report (research-report skill).")
+    best = state["best"]
+    lines.append(f"Experiments: {state['experiments']}; best kept: "
+                 + (f"val_bpb {best.val_bpb:.6f} at {best.commit} ({best.description})" if best else "none yet (run the baseline)"))
     if rows:
         lines.append("Last rows (commit, val_bpb, memory_gb, status, description):")
         for row in rows[-LAST_ROWS:]:
-            lines.append("  " + "\t".join(row.get(key, "") for key in ("commit", "val_bpb", "memory_gb", "status", "description")))
-    pending = read_pending(root)
-    if pending:
-        lines.append(f"Pending decision: {pending.get('description') or pending.get('commit')}: "
-                     "write its ANALYSIS in notes.md, then `uv run scripts/decide.py keep|discard`.")
+            lines.append(f"  {row.commit}\t{row.val_bpb:.6f}\t{row.memory_gb:.1f}\t{row.status}\t{row.description}")
+    if state["pending"]:
+        lines.append(f"Pending: {state['pending_message']} (write its ANALYSIS in notes.md first).")
     sections = read_notes_sections(root)
     config = find_section(sections, "Best Known Config").splitlines()[:MAX_SECTION_LINES]
     if config:

@@ -23,15 +23,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from research_state import (  # noqa: E402
-    best_kept,
-    budget_spent,
-    count_experiments,
+    StateUnavailable,
     project_root,
     read_json,
-    read_ledger,
     read_notes_sections,
-    read_pending,
-    read_session,
+    read_state,
     top_ideas,
 )
 
@@ -48,16 +44,11 @@ def write_counter(root, rows, blocks):
     os.replace(temporary, path)
 
 
-def next_step(root, rows):
+def next_step(root, state):
     """The instruction to give instead of stopping: decide, or run the next idea."""
-    pending = read_pending(root)
-    if pending:
-        what = pending.get("description") or pending.get("commit") or "the last experiment"
-        return (
-            f"An experiment awaits its decision ({what}): write its ANALYSIS block in notes.md, "
-            "then run `uv run scripts/decide.py keep` or `uv run scripts/decide.py discard`."
-        )
-    if not rows:
+    if state["pending"]:
+        return f"Write the ANALYSIS block in notes.md; then: {state['pending_message']}."
+    if not state["rows"]:
         return 'Run the baseline first: `uv run scripts/experiment.py "baseline"` on train.py as it is.'
     ideas = top_ideas(read_notes_sections(root), count=1)
     idea = f"the top of your Ideas Queue in notes.md: {ideas[0]}" if ideas else (
@@ -73,23 +64,24 @@ def decide(root):
     """None to let the agent stop, or the reason to give it for going on."""
     if os.path.exists(os.path.join(root, "STOP")):
         return None
-    session = read_session(root)
-    if session is None:
+    try:
+        state = read_state(root)
+    except StateUnavailable:
+        return None  # without readable state we cannot say what to do next: never trap the agent
+    if state is None or state["stop_reason"]:
         return None
-    rows = read_ledger(root)
-    if budget_spent(session, rows):
-        return None
+    rows = len(state["rows"])
     counter = read_json(os.path.join(root, COUNTER_FILE)) or {}
-    blocks = counter.get("blocks", 0) if counter.get("ledger_rows") == len(rows) else 0
+    blocks = counter.get("blocks", 0) if counter.get("ledger_rows") == rows else 0
     if blocks >= MAX_BLOCKS:
-        write_counter(root, len(rows), 0)  # a human who resumes the session gets fresh patience
+        write_counter(root, rows, 0)  # a human who resumes the session gets fresh patience
         return None
-    write_counter(root, len(rows), blocks + 1)
-    best = best_kept(rows)
-    standing = f"best val_bpb {best['val_bpb']} ({best.get('commit', '')[:7]})" if best else "no kept result yet"
+    write_counter(root, rows, blocks + 1)
+    best = state["best"]
+    standing = f"best val_bpb {best.val_bpb:.6f} ({best.commit})" if best else "no kept result yet"
     return (
         f"Do not stop: the research session is active and the human is asleep "
-        f"({count_experiments(rows)} experiments, {standing}). {next_step(root, rows)} "
+        f"({state['experiments']} experiments, {standing}). {next_step(root, state)} "
         "Only the human ends the session (by creating a STOP file)."
     )
 

@@ -1,24 +1,23 @@
 """Read-only view of a research session's state, shared by the hooks in this folder.
 
-Why a separate module: the Stop and SessionStart hooks both need the session, the ledger and
-notes.md, and the formats must be read one way (DESIGN.md is the contract; scripts/common.py
-writes these files). Standard library only and no subprocesses, because a hook runs on every
-stop and every session start and must cost milliseconds.
+The session, pending experiment and ledger are read through the project's own scripts/common.py,
+the one module that writes them (DESIGN.md: one source of truth per format), so a hook can never
+disagree with the helpers about the best result, a deadline or a pending decision. This module
+adds what only the hooks need: the project root and the sections of notes.md. Standard library
+only, no subprocesses: a hook runs on every stop and session start and must cost milliseconds.
 
-Files (all untracked, at the project root):
-    runs/session.json    tag, branch, started_at, optional deadline and max_experiments
-    runs/pending.json    the experiment that awaits `uv run scripts/decide.py`
-    results.tsv          the ledger: commit, val_bpb, memory_gb, status, description
-    notes.md             the agent's working notes (sections from the notes template)
-    STOP                 created by the human to let the agent stop
+Files (all untracked, at the project root): runs/session.json, runs/pending.json, results.tsv,
+notes.md, and STOP (created by the human to let the agent stop).
 """
 
+import importlib.util
 import json
 import os
 import re
-from datetime import datetime, timezone
 
-EXPERIMENT_STATUSES = ("keep", "discard", "crash")  # `backtrack` rows rewind, they are not runs
+
+class StateUnavailable(Exception):
+    """scripts/common.py is missing or the session files are unreadable: hooks then stay out of the way."""
 
 
 def project_root(payload=None):
@@ -41,65 +40,40 @@ def read_json(path):
     return value if isinstance(value, dict) else None
 
 
-def read_session(root):
-    return read_json(os.path.join(root, "runs", "session.json"))
-
-
-def read_pending(root):
-    return read_json(os.path.join(root, "runs", "pending.json"))
-
-
-def read_ledger(root):
-    """The ledger rows as dicts (header names as keys); [] when there is no ledger."""
+def load_common(root):
+    """The project's scripts/common.py as a module (its paths are relative to that project)."""
+    path = os.path.join(root, "scripts", "common.py")
+    if not os.path.exists(path):
+        raise StateUnavailable(f"{path} is missing")
+    spec = importlib.util.spec_from_file_location("autoresearch_common", path)
+    module = importlib.util.module_from_spec(spec)
     try:
-        with open(os.path.join(root, "results.tsv"), encoding="utf-8") as handle:
-            lines = [line.rstrip("\n") for line in handle if line.strip()]
-    except OSError:
-        return []
-    if not lines:
-        return []
-    header = lines[0].split("\t")
-    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+        spec.loader.exec_module(module)
+    except Exception as error:  # a broken helper module must not break every tool call
+        raise StateUnavailable(str(error)) from error
+    return module
 
 
-def count_experiments(rows):
-    return sum(1 for row in rows if row.get("status") in EXPERIMENT_STATUSES)
-
-
-def best_kept(rows):
-    """The kept row with the lowest val_bpb, or None."""
-    kept = []
-    for row in rows:
-        if row.get("status") != "keep":
-            continue
-        try:
-            kept.append((float(row.get("val_bpb", "")), row))
-        except ValueError:
-            continue
-    return min(kept, key=lambda pair: pair[0])[1] if kept else None
-
-
-def parse_time(text):
-    """An aware datetime from an ISO-8601 string ('Z' allowed; naive means UTC), or None."""
-    if not isinstance(text, str) or not text.strip():
-        return None
+def read_state(root):
+    """{session, rows, pending, best, experiments, stop_reason, pending_message} or None without a session."""
+    common = load_common(root)
     try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def budget_spent(session, rows, now=None):
-    """Why the session's own budget is over ('deadline ...' / '... experiments'), or None."""
-    now = now or datetime.now(timezone.utc)
-    deadline = parse_time(session.get("deadline"))
-    if deadline and now >= deadline:
-        return f"the deadline {session['deadline']} has passed"
-    limit = session.get("max_experiments")
-    if isinstance(limit, int) and limit > 0 and count_experiments(rows) >= limit:
-        return f"{count_experiments(rows)} of max {limit} experiments are done"
-    return None
+        session = common.load_session()
+        if session is None:
+            return None
+        rows = common.read_ledger()
+        pending = common.load_pending()
+        return {
+            "session": session,
+            "rows": rows,
+            "pending": pending,
+            "best": common.best_kept(rows),
+            "experiments": len(common.experiments(rows)),
+            "stop_reason": common.stop_reason(session, rows),
+            "pending_message": common.pending_message(pending) if pending else None,
+        }
+    except Exception as error:  # common.Refusal on a malformed ledger, ValueError on a bad deadline
+        raise StateUnavailable(str(error)) from error
 
 
 def read_notes_sections(root):
