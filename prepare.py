@@ -1,0 +1,735 @@
+"""
+autoresearch's fixed protocol: data, tokenizer, dataloader and the val_bpb metric.
+
+Nobody edits this file during research: it is the referee. train.py imports the protocol
+constants and the runtime utilities from here; the helpers pin its hash at setup.
+
+Usage:
+    uv run prepare.py                          # climbmix from the Hugging Face hub, 10 train shards
+    uv run prepare.py --dataset builtin        # offline: the installed Python standard library
+    uv run prepare.py --dataset local:/data/my-corpus --profile gpu
+    uv run prepare.py --help
+
+Everything lands in $AUTORESEARCH_CACHE (default ~/.cache/autoresearch):
+    downloads/climbmix/shard_NNNNN.parquet     raw shards, kept between preparations
+    prepared/                                  tokenizer, token caches, eval rows, prepared.json
+prepared/ is built under a temporary name and renamed into place only when complete, and
+prepared.json is written last, so an interrupted prepare never leaves half-written data.
+"""
+
+import argparse
+import base64
+import bisect
+import concurrent.futures
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Profiles: the protocol constants, fixed at prepare time and recorded with the data
+# ---------------------------------------------------------------------------
+
+PROFILES = {
+    # Exactly upstream karpathy/autoresearch, so numbers compare across the two projects.
+    "h100": dict(max_seq_len=2048, time_budget=300, eval_tokens=40 * 2**19, vocab_size=8192),
+    # A 24 GB consumer card (RTX 3090/4090 class): half the context, a quarter of the eval.
+    "gpu": dict(max_seq_len=1024, time_budget=300, eval_tokens=10 * 2**19, vocab_size=8192),
+    # Two CPU cores: a baseline trains and evaluates in about two minutes and still learns.
+    "cpu": dict(max_seq_len=256, time_budget=90, eval_tokens=2**17, vocab_size=4096),
+}
+PROFILE_HELP = "h100 (seq 2048, 300 s, 40x2^19 eval tokens, vocab 8192), gpu (seq 1024, 300 s), cpu (seq 256, 90 s)"
+
+BOS_TOKEN = "<|bos|>"  # every packed row starts with it; it has byte length 0, so bpb ignores it
+# GPT-4's split pattern with numbers grouped by at most two digits (a small vocab wastes
+# fewer entries on three-digit numbers).
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+TOKENIZER_MAX_CHARS = 2_000_000_000  # training text for BPE; more changes the merges very little
+TOKENIZER_DOC_CHARS = 10_000  # a huge document would dominate the pair counts otherwise
+TEXT_DOC_CHARS = 1_000  # .py/.txt/.md files are cut into documents of at most this size, at blank lines
+SPLIT_PERCENT = {"val": 5, "test": 5}  # builtin and local: share of documents per held-out split
+
+CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+CLIMBMIX_LAST_SHARD = 6542  # shard_06542 is the pinned validation shard (as upstream)
+CLIMBMIX_TEST_SHARD = 6541  # held out as the test split; training shards count up from 0
+
+DEFAULT_SEED = 42
+PROTOCOL_CONSTANTS = {"MAX_SEQ_LEN": "max_seq_len", "TIME_BUDGET": "time_budget",
+                      "EVAL_TOKENS": "eval_tokens", "VOCAB_SIZE": "vocab_size"}
+
+
+def cache_dir():
+    return Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
+
+
+def prepared_dir():
+    return cache_dir() / "prepared"
+
+
+def manifest_path():
+    return prepared_dir() / "prepared.json"
+
+
+def fail(message):
+    """One clear line on stderr and a non-zero exit: what every bad input gets."""
+    print(f"prepare: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+# ---------------------------------------------------------------------------
+# Progress: a bar on a terminal, a few plain lines when the output is a file
+# ---------------------------------------------------------------------------
+
+class Progress:
+    def __init__(self, label, total, unit=""):
+        self.label, self.total, self.unit = label, total, unit
+        self.done, self.start, self.tty = 0, time.time(), sys.stderr.isatty()
+        self.next_line_fraction = 0.25
+
+    def update(self, amount):
+        self.done += amount
+        fraction = self.done / self.total if self.total else 1.0
+        if self.tty:
+            bar = "#" * int(30 * fraction)
+            print(f"\r{self.label} [{bar:<30}] {self._amount()}", end="", file=sys.stderr, flush=True)
+        elif fraction >= self.next_line_fraction:
+            print(f"{self.label}: {self._amount()}", file=sys.stderr, flush=True)
+            while self.next_line_fraction <= fraction:
+                self.next_line_fraction += 0.25
+
+    def close(self):
+        if self.tty:
+            print(file=sys.stderr)
+        print(f"{self.label}: done, {self._amount()} in {time.time() - self.start:.1f}s", file=sys.stderr, flush=True)
+
+    def _amount(self):
+        if self.unit == "bytes":
+            return f"{self.done / 1e6:.1f}/{self.total / 1e6:.1f} MB"
+        return f"{self.done:,}/{self.total:,}{(' ' + self.unit) if self.unit else ''}"
+
+
+# ---------------------------------------------------------------------------
+# Data sources: each yields documents per split ("train", "val", "test")
+# ---------------------------------------------------------------------------
+
+def split_of(key):
+    """Deterministic split by a stable hash of a document's (or file's) key."""
+    bucket = int.from_bytes(hashlib.sha1(key.encode("utf-8", "surrogatepass")).digest()[:4], "big") % 100
+    if bucket < SPLIT_PERCENT["val"]:
+        return "val"
+    if bucket < SPLIT_PERCENT["val"] + SPLIT_PERCENT["test"]:
+        return "test"
+    return "train"
+
+
+def cut_text(text, max_chars=TEXT_DOC_CHARS):
+    """Cuts a long text file into documents at blank lines, each at most max_chars."""
+    documents, current = [], ""
+    for paragraph in text.split("\n\n"):
+        while len(paragraph) > max_chars:  # a paragraph longer than a document: hard cut
+            if current:
+                documents.append(current)
+                current = ""
+            documents.append(paragraph[:max_chars])
+            paragraph = paragraph[max_chars:]
+        if current and len(current) + 2 + len(paragraph) > max_chars:
+            documents.append(current)
+            current = ""
+        current = f"{current}\n\n{paragraph}" if current else paragraph
+    if current.strip():
+        documents.append(current)
+    return [doc for doc in documents if doc.strip()]
+
+
+def read_text_file(path):
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        fail(f"cannot read {path}: {error.strerror}")
+
+
+def builtin_documents():
+    """The installed Python standard library: text that exists wherever this project runs.
+    Split by file, so that val and test hold modules that training never saw."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+    if not files:
+        fail(f"no Python files under {root}: the builtin corpus needs the standard library sources")
+    splits = {"train": [], "val": [], "test": []}
+    for path in files:
+        relative = path.relative_to(root).as_posix()
+        splits[split_of(relative)].extend(cut_text(read_text_file(path)))
+    return splits, {"source": str(root), "python": sys.version.split()[0], "files": len(files)}
+
+
+def local_documents(folder):
+    """A folder of .parquet (column text), .jsonl (field text) and .txt/.md files."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        fail(f"local dataset folder {root} does not exist or is not a folder")
+    suffixes = {".parquet", ".jsonl", ".txt", ".md"}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
+    if not files:
+        fail(f"no .parquet, .jsonl, .txt or .md files under {root}")
+    splits = {"train": [], "val": [], "test": []}
+    for path in files:
+        relative = path.relative_to(root).as_posix()
+        if path.suffix == ".parquet":
+            documents = read_parquet_texts(path)
+        elif path.suffix == ".jsonl":
+            documents = read_jsonl_texts(path)
+        else:
+            documents = cut_text(read_text_file(path))
+        for index, document in enumerate(documents):
+            splits[split_of(f"{relative}:{index}")].append(document)
+    if not splits["train"]:
+        fail(f"no text found in the files under {root}")
+    return splits, {"source": str(root.resolve()), "files": len(files)}
+
+
+def read_parquet_texts(path):
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(path, columns=["text"])
+    except Exception as error:  # pyarrow raises several types for a bad file or a missing column
+        fail(f"cannot read column 'text' of {path}: {str(error).splitlines()[0]}")
+    return [text for text in table.column("text").to_pylist() if text]
+
+
+def read_jsonl_texts(path):
+    documents = []
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                fail(f"{path}:{number}: not a JSON object with a 'text' field")
+            if text:
+                documents.append(text)
+    return documents
+
+
+# ---------------------------------------------------------------------------
+# climbmix download: streamed, parallel, retried, validated before it is renamed into place
+# ---------------------------------------------------------------------------
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def is_valid_parquet(path, full=False):
+    """A shard is valid when pyarrow opens it (footer and schema); full=True decodes every page."""
+    import pyarrow.parquet as pq
+    try:
+        if full:
+            pq.read_table(path, columns=["text"])
+        else:
+            pq.ParquetFile(path).schema_arrow.field("text")
+        return True
+    except Exception:
+        return False
+
+
+def download_shard(index, folder, base_url, retries, backoff, progress):
+    """Downloads one shard to a temporary name and renames it only after pyarrow has read it.
+    Returns None on success, or the last error as a short string."""
+    import requests
+    target = folder / shard_name(index)
+    if target.exists() and is_valid_parquet(target):
+        return None
+    url = f"{base_url.rstrip('/')}/{shard_name(index)}"
+    temporary = target.with_name(f"{target.name}.tmp-{os.getpid()}-{index}")
+    last_error = "not attempted"
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        received = 0
+        try:
+            with requests.get(url, stream=True, timeout=60) as response:
+                if response.status_code == 404:
+                    return f"HTTP 404 at {url}"  # permanent: retrying will not make it appear
+                response.raise_for_status()
+                with open(temporary, "wb") as out:
+                    for chunk in response.iter_content(chunk_size=1 << 20):
+                        out.write(chunk)
+                        received += len(chunk)
+                        progress.update(len(chunk))
+            if not is_valid_parquet(temporary, full=True):
+                raise ValueError("incomplete or corrupt parquet file")
+            os.replace(temporary, target)
+            return None
+        except (requests.RequestException, OSError, ValueError) as error:
+            progress.update(-received)
+            last_error = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        finally:
+            temporary.unlink(missing_ok=True)
+    return last_error
+
+
+def climbmix_documents(num_shards, base_url, workers, retries, backoff):
+    if not 1 <= num_shards <= CLIMBMIX_TEST_SHARD:
+        fail(f"--num-shards must be between 1 and {CLIMBMIX_TEST_SHARD}, got {num_shards}")
+    folder = cache_dir() / "downloads" / "climbmix"
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = list(range(num_shards)) + [CLIMBMIX_TEST_SHARD, CLIMBMIX_LAST_SHARD]
+    missing = [i for i in wanted if not (folder / shard_name(i)).exists() or not is_valid_parquet(folder / shard_name(i))]
+    if missing:
+        import requests
+        try:
+            probe = requests.head(f"{base_url.rstrip('/')}/{shard_name(missing[0])}", timeout=15, allow_redirects=True)
+            total = int(probe.headers.get("Content-Length", 0)) * len(missing)
+        except requests.RequestException as error:
+            fail(f"cannot reach {base_url} ({type(error).__name__}); offline, use the builtin corpus: "
+                 f"uv run prepare.py --dataset builtin")
+        progress = Progress(f"downloading {len(missing)} shards", max(total, 1), "bytes")
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            errors = dict(zip(missing, pool.map(
+                lambda i: download_shard(i, folder, base_url, retries, backoff, progress), missing)))
+        progress.close()
+        failed = {i: e for i, e in errors.items() if e}
+        if failed:
+            names = ", ".join(f"{shard_name(i)} ({e})" for i, e in sorted(failed.items()))
+            fail(f"{len(failed)} shard(s) still missing after {retries} retries: {names}")
+    splits = {"train": [], "val": read_parquet_texts(folder / shard_name(CLIMBMIX_LAST_SHARD)),
+              "test": read_parquet_texts(folder / shard_name(CLIMBMIX_TEST_SHARD))}
+    for index in range(num_shards):
+        splits["train"].extend(read_parquet_texts(folder / shard_name(index)))
+    return splits, {"source": base_url, "train_shards": num_shards,
+                    "val_shard": shard_name(CLIMBMIX_LAST_SHARD), "test_shard": shard_name(CLIMBMIX_TEST_SHARD)}
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer: BPE trained with rustbpe, used through tiktoken
+# ---------------------------------------------------------------------------
+
+class Tokenizer:
+    """A tiktoken encoding plus the BOS token; loaded from prepared/tokenizer.json."""
+
+    def __init__(self, encoding):
+        self.encoding = encoding
+        self.bos_token_id = encoding.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_file(cls, path):
+        import tiktoken
+        saved = json.loads(Path(path).read_text())
+        ranks = {base64.b64decode(token): rank for token, rank in saved["mergeable_ranks"]}
+        return cls(tiktoken.Encoding(name="autoresearch", pat_str=saved["pattern"],
+                                     mergeable_ranks=ranks, special_tokens=saved["special_tokens"]))
+
+    @classmethod
+    def from_prepared(cls):
+        return cls.from_file(require_prepared_dir() / "tokenizer.json")
+
+    def get_vocab_size(self):
+        return self.encoding.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend_bos=False):
+        ids = self.encoding.encode_ordinary(text)
+        return [self.bos_token_id] + ids if prepend_bos else ids
+
+    def encode_batch(self, texts):
+        return self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids):
+        return self.encoding.decode(ids)
+
+    def token_bytes(self):
+        """UTF-8 byte length of every token id, 0 for special tokens: the bits-per-byte weights."""
+        special = set(self.encoding.special_tokens_set)
+        lengths = np.zeros(self.encoding.n_vocab, dtype=np.int32)
+        for token_id in range(self.encoding.n_vocab):
+            token = self.encoding.decode_single_token_bytes(token_id)
+            lengths[token_id] = 0 if token.decode("utf-8", "replace") in special else len(token)
+        return lengths
+
+
+def train_tokenizer(texts, vocab_size):
+    import rustbpe
+    import tiktoken
+
+    def capped_texts():
+        remaining = TOKENIZER_MAX_CHARS
+        for text in texts:
+            if remaining <= 0:
+                return
+            text = text[:TOKENIZER_DOC_CHARS]
+            remaining -= len(text)
+            yield text
+
+    print(f"training BPE tokenizer (vocab {vocab_size}) on up to {TOKENIZER_MAX_CHARS:,} characters", file=sys.stderr)
+    start = time.time()
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(capped_texts(), vocab_size - 1, pattern=SPLIT_PATTERN)
+    ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+    encoding = tiktoken.Encoding(name="autoresearch", pat_str=trainer.get_pattern(), mergeable_ranks=ranks,
+                                 special_tokens={BOS_TOKEN: len(ranks)})
+    print(f"tokenizer trained in {time.time() - start:.1f}s", file=sys.stderr)
+    return Tokenizer(encoding)
+
+
+def save_tokenizer(tokenizer, path):
+    encoding = tokenizer.encoding
+    ranks = sorted(encoding._mergeable_ranks.items(), key=lambda item: item[1])
+    path.write_text(json.dumps({
+        "pattern": encoding._pat_str,
+        "mergeable_ranks": [[base64.b64encode(token).decode(), rank] for token, rank in ranks],
+        "special_tokens": encoding._special_tokens,
+    }))
+
+
+def check_round_trip(tokenizer, texts):
+    """Every sample must decode to exactly what was encoded, or bits-per-byte would lie."""
+    samples = list(texts[:200]) + ["héllo wörld 🌍 \t\n  x = 1_000_000", "日本語のテキスト", ""]
+    for text in samples:
+        if tokenizer.decode(tokenizer.encode(text)) != text:
+            fail(f"tokenizer round trip failed on {text[:60]!r}")
+
+
+# ---------------------------------------------------------------------------
+# Token caches: built once here, so training never tokenizes on the fly
+# ---------------------------------------------------------------------------
+
+def write_token_cache(tokenizer, documents, folder, split):
+    """Writes <split>_tokens.bin (uint16, documents back to back, no BOS) and
+    <split>_offsets.npy (int64 start of each document, plus the end)."""
+    progress = Progress(f"tokenizing {split}", len(documents), "documents")
+    offsets = [0]
+    with open(folder / f"{split}_tokens.bin", "wb") as out:
+        for start in range(0, len(documents), 4096):
+            for ids in tokenizer.encode_batch(documents[start:start + 4096]):
+                if ids:
+                    out.write(np.asarray(ids, dtype=np.uint16).tobytes())
+                    offsets.append(offsets[-1] + len(ids))
+            progress.update(min(4096, len(documents) - start))
+    progress.close()
+    np.save(folder / f"{split}_offsets.npy", np.asarray(offsets, dtype=np.int64))
+    return offsets[-1]
+
+
+class TokenCache:
+    """A split's documents as a memory-mapped token array plus document offsets."""
+
+    def __init__(self, folder, split):
+        self.offsets = np.load(folder / f"{split}_offsets.npy")
+        size = int(self.offsets[-1])
+        self.tokens = np.memmap(folder / f"{split}_tokens.bin", dtype=np.uint16, mode="r", shape=(size,)) \
+            if size else np.zeros(0, dtype=np.uint16)
+        self.lengths = np.diff(self.offsets)
+
+    def __len__(self):
+        return len(self.lengths)
+
+
+def pack_rows(cache, bos, row_length, doc_order, buffer_size=1000):
+    """BOS-aligned best-fit packing: yields (row, epoch_of_row) forever (or until doc_order runs out).
+
+    Every row starts with BOS and holds whole documents (each prefixed by BOS), the largest that
+    still fits first; only when none fits is the shortest buffered document cropped to fill the
+    row. No padding. doc_order is an iterator of (document index, epoch)."""
+    lengths, offsets, tokens = cache.lengths, cache.offsets, cache.tokens
+    # buffered documents as sorted keys (cost << 32 | slot) where cost = length + 1 for the BOS
+    keys, slots, free_slots = [], {}, []
+    epoch, exhausted = 0, False
+
+    def refill():
+        nonlocal epoch, exhausted
+        while len(keys) < buffer_size and not exhausted:
+            try:
+                doc, epoch = next(doc_order)
+            except StopIteration:
+                exhausted = True
+                return
+            slot = free_slots.pop() if free_slots else len(slots)
+            slots[slot] = doc
+            bisect.insort(keys, (int(lengths[doc]) + 1) << 32 | slot)
+
+    while True:
+        refill()
+        if not keys:
+            return
+        row = np.empty(row_length, dtype=np.uint16)
+        position = 0
+        while position < row_length:
+            if not keys:
+                refill()
+                if not keys:
+                    return  # out of documents in the middle of a row: an incomplete row is dropped
+            space = row_length - position
+            index = bisect.bisect_right(keys, (space << 32) | 0xFFFFFFFF) - 1
+            if index < 0:
+                index = 0  # nothing fits: crop the shortest buffered document
+            key = keys.pop(index)
+            slot = key & 0xFFFFFFFF
+            doc = slots.pop(slot)
+            free_slots.append(slot)
+            start = int(offsets[doc])
+            take = min(int(lengths[doc]), space - 1)
+            row[position] = bos
+            row[position + 1:position + 1 + take] = tokens[start:start + take]
+            position += take + 1
+        yield row, epoch
+
+
+def shuffled_documents(count, seed):
+    """Every document once per epoch, in a fresh seeded order each epoch; forever."""
+    epoch = 1
+    while True:
+        for doc in np.random.default_rng([seed, epoch]).permutation(count):
+            yield int(doc), epoch
+        epoch += 1
+
+
+def write_eval_rows(cache, bos, row_length, rows_needed, path, split):
+    """Packs the first documents of a held-out split, in file order, into the fixed rows that
+    evaluation scores. Fixed at prepare time, so val_bpb does not depend on batch size or seed."""
+    rows = np.empty((rows_needed, row_length), dtype=np.uint16)
+    packer = pack_rows(cache, bos, row_length, ((doc, 0) for doc in range(len(cache))))
+    for index in range(rows_needed):
+        try:
+            rows[index] = next(packer)[0]
+        except StopIteration:
+            fail(f"the {split} split holds only {index} rows of {row_length - 1} tokens but the profile "
+                 f"needs {rows_needed}: use more data, another profile, or --eval-tokens")
+    np.save(path, rows)
+
+
+# ---------------------------------------------------------------------------
+# Preparation
+# ---------------------------------------------------------------------------
+
+def detect_profile():
+    """The largest profile the hardware here can run in its budget."""
+    import torch
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        return "h100" if properties.total_memory >= 70 * 2**30 and properties.major >= 8 else "gpu"
+    return "cpu"
+
+
+def load_documents(args):
+    if args.dataset == "builtin":
+        return builtin_documents()
+    if args.dataset.startswith("local:"):
+        return local_documents(args.dataset[len("local:"):])
+    return climbmix_documents(args.num_shards, args.base_url, args.workers, args.retries, args.backoff)
+
+
+def prepare(args):
+    constants = dict(PROFILES[args.profile])
+    for key in ("time_budget", "eval_tokens"):
+        if getattr(args, key) is not None:
+            constants[key] = getattr(args, key)
+    if constants["eval_tokens"] % constants["max_seq_len"]:
+        fail(f"eval tokens ({constants['eval_tokens']}) must be a multiple of the sequence length ({constants['max_seq_len']})")
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in list(root.glob("prepared.tmp-*")) + list((root / "downloads").glob("*/*.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+    splits, source = load_documents(args)
+    for split in ("val", "test"):
+        if not splits[split]:
+            fail(f"the {split} split is empty: the dataset is too small to hold out {SPLIT_PERCENT[split]}% of it")
+    building = root / f"prepared.tmp-{os.getpid()}"
+    building.mkdir()
+    try:
+        tokenizer = train_tokenizer(splits["train"], constants["vocab_size"])
+        check_round_trip(tokenizer, splits["val"])
+        save_tokenizer(tokenizer, building / "tokenizer.json")
+        np.save(building / "token_bytes.npy", tokenizer.token_bytes())
+        counts = {split: write_token_cache(tokenizer, docs, building, split) for split, docs in splits.items()}
+        rows = constants["eval_tokens"] // constants["max_seq_len"]
+        for split in ("val", "test"):
+            write_eval_rows(TokenCache(building, split), tokenizer.bos_token_id, constants["max_seq_len"] + 1,
+                            rows, building / f"{split}_rows.npy", split)
+        manifest = dict(profile=args.profile, dataset=args.dataset, **constants,
+                        prepared_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        documents={split: len(docs) for split, docs in splits.items()},
+                        tokens=counts, source=source)
+        (building / "prepared.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        old = root / f"prepared.old-{os.getpid()}"
+        if prepared_dir().exists():
+            os.replace(prepared_dir(), old)
+        os.replace(building, prepared_dir())
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    print(f"prepared {args.dataset} for profile {args.profile} in {prepared_dir()}: "
+          f"{counts['train']:,} train tokens, eval {constants['eval_tokens']:,} tokens, "
+          f"seq {constants['max_seq_len']}, budget {constants['time_budget']}s")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Prepare data and tokenizer for autoresearch (run once).")
+    parser.add_argument("--dataset", default="climbmix",
+                        help="climbmix (default; Hugging Face hub), builtin (offline: the Python standard "
+                             "library), or local:PATH (a folder of .parquet/.jsonl/.txt/.md)")
+    parser.add_argument("--num-shards", type=int, default=10, help="climbmix training shards to download (default 10)")
+    parser.add_argument("--profile", default="auto", choices=["auto", *PROFILES],
+                        help=f"protocol constants; auto picks from the hardware here. {PROFILE_HELP}")
+    parser.add_argument("--workers", type=int, default=8, help="parallel shard downloads (default 8)")
+    parser.add_argument("--base-url", default=CLIMBMIX_URL, help="climbmix mirror to download from")
+    parser.add_argument("--retries", type=int, default=5, help="download retries per shard (default 5)")
+    parser.add_argument("--backoff", type=float, default=2.0,
+                        help="seconds before the first retry; doubles each time (default 2)")
+    parser.add_argument("--time-budget", type=int, help="override the profile's training seconds (smoke tests)")
+    parser.add_argument("--eval-tokens", type=int, help="override the profile's evaluation tokens (smoke tests)")
+    args = parser.parse_args(argv)
+    if args.dataset not in ("climbmix", "builtin") and not args.dataset.startswith("local:"):
+        parser.error(f"unknown dataset {args.dataset!r}: use climbmix, builtin or local:PATH")
+    if args.profile == "auto":
+        args.profile = detect_profile()
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Runtime: what train.py imports
+# ---------------------------------------------------------------------------
+
+_manifest = None
+
+
+def require_prepared_dir():
+    """The prepared folder, after checking it is complete and matches what this run expects
+    (AUTORESEARCH_PROFILE / AUTORESEARCH_DATASET, set by the helpers from the session pin)."""
+    global _manifest
+    if _manifest is None:
+        if not manifest_path().exists():
+            fail(f"no prepared data in {cache_dir()}: run `uv run prepare.py` (offline: `uv run prepare.py --dataset builtin`)")
+        _manifest = json.loads(manifest_path().read_text())
+        for key, variable, option in (("profile", "AUTORESEARCH_PROFILE", "--profile"),
+                                      ("dataset", "AUTORESEARCH_DATASET", "--dataset")):
+            expected = os.environ.get(variable)
+            if expected and expected != _manifest[key]:
+                fail(f"data in {cache_dir()} was prepared with {key} {_manifest[key]} but this run expects "
+                     f"{expected}: run `uv run prepare.py {option} {expected}`")
+    return prepared_dir()
+
+
+def manifest():
+    require_prepared_dir()
+    return _manifest
+
+
+def __getattr__(name):
+    """MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS and VOCAB_SIZE come from the prepared data;
+    `from prepare import MAX_SEQ_LEN` fails at once, with the command to run, when there is none."""
+    if name in PROTOCOL_CONSTANTS:
+        return manifest()[PROTOCOL_CONSTANTS[name]]
+    if name == "PROFILE":
+        return manifest()["profile"]
+    raise AttributeError(f"module 'prepare' has no attribute {name!r}")
+
+
+def run_seed():
+    return int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED))
+
+
+def get_token_bytes(device="cpu"):
+    import torch
+    return torch.from_numpy(np.load(require_prepared_dir() / "token_bytes.npy")).to(device)
+
+
+def make_dataloader(batch_size, device="cpu", seed=None):
+    """Training batches forever: yields (inputs, targets, epoch), each (batch_size, MAX_SEQ_LEN)
+    int64 on `device`. Reads the token cache only; the order depends on the seed."""
+    import torch
+    folder = require_prepared_dir()
+    seq_len = manifest()["max_seq_len"]
+    cache = TokenCache(folder, "train")
+    bos = Tokenizer.from_file(folder / "tokenizer.json").bos_token_id
+    seed = run_seed() if seed is None else seed
+    rows = pack_rows(cache, bos, seq_len + 1, shuffled_documents(len(cache), seed))
+    on_cuda = torch.device(device).type == "cuda"
+    batch = np.empty((batch_size, seq_len + 1), dtype=np.uint16)
+    while True:
+        for index in range(batch_size):
+            batch[index], epoch = next(rows)
+        host = torch.from_numpy(batch.astype(np.int64))
+        if on_cuda:
+            host = host.pin_memory()
+        tokens = host.to(device, non_blocking=on_cuda)
+        yield tokens[:, :-1], tokens[:, 1:], epoch
+
+
+def is_out_of_memory(error):
+    return isinstance(error, MemoryError) or "out of memory" in str(error).lower()
+
+
+def score_rows(model, rows, batch_size, token_bytes):
+    """Sum of nats and of bytes over every target of `rows`, skipping special tokens (0 bytes).
+    The cross-entropy is computed here, in float32, from the model's logits."""
+    import torch
+    import torch.nn.functional as F
+    device = token_bytes.device
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    start = 0
+    while start < len(rows):
+        chunk = torch.from_numpy(rows[start:start + batch_size].astype(np.int64)).to(device)
+        inputs, targets = chunk[:, :-1], chunk[:, 1:]
+        try:
+            logits = model(inputs)
+            nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error) or batch_size == 1:
+                raise
+            # Upstream loses the whole finished run to an OOM here; retry with half the batch.
+            logits = nats = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch_size //= 2
+            print(f"evaluate_bpb: out of memory, retrying with batch size {batch_size}", file=sys.stderr)
+            continue
+        weights = token_bytes[targets.reshape(-1)]
+        counted = weights > 0
+        total_nats += nats[counted].double().sum()
+        total_bytes += weights.double().sum()
+        start += len(chunk)
+    return total_nats.item(), total_bytes.item()
+
+
+def evaluate_bpb(model, batch_size, split="val"):
+    """The metric: bits per byte of `split` (val for decisions) over exactly EVAL_TOKENS targets.
+
+    model(inputs) must return logits of shape (batch, seq, vocab). Bits per byte, not loss, so
+    that results compare across vocabulary sizes. Call it under torch.no_grad and, on CUDA,
+    the same autocast as training."""
+    import torch
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be val or test, got {split!r}")
+    rows = np.load(require_prepared_dir() / f"{split}_rows.npy", mmap_mode="r")
+    device = next(model.parameters()).device
+    token_bytes = get_token_bytes(device)
+    with torch.no_grad():
+        nats, nbytes = score_rows(model, rows, batch_size, token_bytes)
+    return nats / (math.log(2) * nbytes)
+
+
+def main():
+    args = parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the temporary folder is removed either way.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        prepare(args)
+    except KeyboardInterrupt:
+        fail("interrupted; nothing half-written was kept")
+
+
+if __name__ == "__main__":
+    main()
