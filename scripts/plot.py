@@ -15,11 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on a GPU box
-import matplotlib.pyplot as plt  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
@@ -39,6 +34,11 @@ def y_limits(kept, discarded):
 
 
 def draw(rows, title_tag, output):
+    import matplotlib  # here, not at the top: a second of start-up that a refusal should not pay
+
+    matplotlib.use("Agg")  # no display on a GPU box
+    import matplotlib.pyplot as plt
+
     runs = common.experiments(rows)
     position = {id(row): number for number, row in enumerate(runs, start=1)}
     kept = [row for row in runs if row.status == "keep"]

@@ -1,0 +1,111 @@
+"""scripts/common.py's pure parts: the summary parser, triage, the ledger format and the keep rule."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import common  # noqa: E402
+
+SUMMARY = """step 00950 | loss 3.2
+---
+val_bpb:          0.997900
+training_seconds: 300.1
+peak_vram_mb:     45060.2
+num_steps:        953
+gpu:              NVIDIA H100 80GB HBM3
+"""
+
+
+def test_parse_summary_reads_every_key_with_numbers_as_numbers():
+    metrics = common.parse_summary(SUMMARY)
+    assert metrics == {"val_bpb": 0.9979, "training_seconds": 300.1, "peak_vram_mb": 45060.2,
+                       "num_steps": 953, "gpu": "NVIDIA H100 80GB HBM3"}
+    assert isinstance(metrics["num_steps"], int)
+
+
+def test_parse_summary_uses_the_last_block_and_needs_val_bpb():
+    assert common.parse_summary("---\nval_bpb: 2.0\n" + SUMMARY)["val_bpb"] == 0.9979
+    assert common.parse_summary("---\ntraining_seconds: 3\n") == {}
+    assert common.parse_summary("val_bpb: 1.0\n") == {}  # no block: a stray line is not a result
+
+
+def test_triage_order_and_details():
+    traceback = ('Traceback (most recent call last):\n  File "train.py", line 9, in <module>\n'
+                 "    main()\n    ^^^^^^\nKeyError: 'lr'\n")
+    assert common.triage(traceback, 1, False) == {
+        "kind": "exception", "detail": "KeyError: 'lr'", "excerpt": ['File "train.py", line 9, in <module>']}
+    oom = traceback.replace("KeyError: 'lr'", "RuntimeError: CUDA error: out of memory")
+    assert common.triage(oom, 1, False)["kind"] == "oom"
+    assert common.triage("fast_fail: loss exploded (1e9)\n", 3, False)["detail"] == "fast_fail: loss exploded (1e9)"
+    assert common.triage("", 3, False)["kind"] == "fast_fail"
+    assert common.triage(traceback, -15, True, 660)["kind"] == "timeout"
+    signal_kill = common.triage("step 1\n", -9, False)
+    assert signal_kill["kind"] == "signal" and "SIGKILL" in signal_kill["detail"]
+    assert common.triage("step 1\n", 0, False)["kind"] == "no_summary"
+
+
+def test_format_row_keeps_one_line_of_five_fields():
+    row = common.LedgerRow("0123456789abcdef", 0.99, 44.04, "keep", "tabs\tand\nnewlines  squeezed")
+    line = common.format_row(row)
+    assert line == "0123456\t0.990000\t44.0\tkeep\ttabs and newlines squeezed\n"
+    assert common.parse_row(line, 2) == common.LedgerRow("0123456", 0.99, 44.0, "keep", "tabs and newlines squeezed")
+
+
+@pytest.mark.parametrize("line, words", [
+    ("abc1234\t0.99\tkeep\tthree fields\n", "found 4"),
+    ("not-a-hash\t0.99\t1.0\tkeep\tx\n", "is not a commit hash"),
+    ("abc1234\t0.99\t1.0\tkept\tx\n", "status 'kept'"),
+    ("abc1234\tlow\t1.0\tkeep\tx\n", "must be numbers"),
+])
+def test_a_corrupt_row_is_refused_with_its_line_number(line, words):
+    with pytest.raises(common.Refusal) as error:
+        common.parse_row(line, 7)
+    assert "results.tsv line 7" in str(error.value) and words in str(error.value)
+
+
+def test_read_ledger_refuses_a_foreign_header(tmp_path):
+    ledger = tmp_path / "results.tsv"
+    ledger.write_text("commit val_bpb memory_gb status description\n")
+    with pytest.raises(common.Refusal, match="results.tsv line 1"):
+        common.read_ledger(ledger)
+    assert common.read_ledger(tmp_path / "missing.tsv") == []
+
+
+def test_append_writes_the_header_once(tmp_path):
+    ledger = tmp_path / "results.tsv"
+    common.ensure_ledger(ledger)
+    common.ensure_ledger(ledger)
+    common.append_ledger_row(common.LedgerRow("abc1234", 1.0, 2.0, "keep", "baseline"), ledger)
+    assert ledger.read_text() == common.LEDGER_HEADER + "abc1234\t1.000000\t2.0\tkeep\tbaseline\n"
+
+
+def row(commit, val_bpb, status):
+    return common.LedgerRow(commit, val_bpb, 1.0, status, commit)
+
+
+def test_backtrack_cuts_the_kept_lineage_back_to_its_target():
+    rows = [row("aaaaaaa", 1.0, "keep"), row("bbbbbbb", 0.9, "keep"), row("ccccccc", 0.8, "keep"),
+            row("ddddddd", 0.7, "discard"), row("bbbbbbb", 0.9, "backtrack")]
+    assert [kept.commit for kept in common.kept_lineage(rows)] == ["aaaaaaa", "bbbbbbb"]
+    assert common.best_kept(rows).val_bpb == 0.9 and common.best_ever(rows).val_bpb == 0.8
+    assert len(common.experiments(rows)) == 4
+
+
+def test_verdict_and_keep_rule():
+    noise = common.DEFAULT_NOISE_BPB
+    assert common.verdict(1.0, None, noise, 10, 10) == "baseline"
+    assert common.verdict(0.99, 1.0, noise, 10, 10) == "improved"
+    assert common.verdict(1.0005, 1.0, noise, 9, 10) == "simpler"
+    assert common.verdict(1.0005, 1.0, noise, 10, 10) == "not improved"
+    assert common.verdict(1.01, 1.0, noise, 5, 10) == "not improved"  # shorter, but beyond the noise
+    assert common.keep_allowed(1.0005, 1.0, noise, 9, 10) and not common.keep_allowed(1.0005, 1.0, noise, 10, 10)
+    assert common.noise_band({"noise_bpb": 0.004}) == 0.004 and common.noise_band({}) == noise
+
+
+def test_stop_reason_reads_the_session_limits():
+    assert common.stop_reason({"deadline": "2000-01-01T00:00:00+00:00"}, []).startswith("the session deadline")
+    rows = [row("aaaaaaa", 1.0, "keep"), row("bbbbbbb", 1.1, "discard"), row("aaaaaaa", 1.0, "backtrack")]
+    assert "2 experiments done" in common.stop_reason({"max_experiments": 2}, rows)
+    assert common.stop_reason({"max_experiments": 3, "deadline": "2999-01-01T00:00:00Z"}, rows) is None
