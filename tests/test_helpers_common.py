@@ -109,3 +109,8 @@ def test_stop_reason_reads_the_session_limits():
     rows = [row("aaaaaaa", 1.0, "keep"), row("bbbbbbb", 1.1, "discard"), row("aaaaaaa", 1.0, "backtrack")]
     assert "2 experiments done" in common.stop_reason({"max_experiments": 2}, rows)
     assert common.stop_reason({"max_experiments": 3, "deadline": "2999-01-01T00:00:00Z"}, rows) is None
+
+
+def test_the_example_ledger_is_a_valid_ledger():
+    rows = common.read_ledger(Path(__file__).resolve().parent.parent / "results.tsv.example")
+    assert {row.status for row in rows} == set(common.STATUSES)
