@@ -39,7 +39,7 @@ def main():
         where = f"line {error.lineno}: " if getattr(error, "lineno", None) else ""
         json.dump({"decision": "block", "reason": (
             f"train.py no longer parses ({where}{getattr(error, 'msg', error)}): "
-            "fix it before `uv run scripts/experiment.py`."
+            'fix it before `uv run scripts/experiment.py "DESCRIPTION"`.'
         )}, sys.stdout)
     return 0
 

@@ -153,7 +153,7 @@ def edit_reason(relative):
     if relative == "prepare.py":
         what = "prepare.py is the fixed protocol (the referee of every result)"
     elif relative in ("results.tsv", "results.tsv.example", "runs", "run.log") or relative.startswith("runs/"):
-        what = f"{relative} is written by the helpers (`uv run scripts/decide.py`)"
+        what = f"{relative} is written by the helpers (`uv run scripts/decide.py keep|discard`)"
     elif relative.startswith(("scripts/", ".claude/", "skills/", ".claude-plugin/")) or relative in (
         "program.md", "CLAUDE.md", "AGENTS.md"
     ):
