@@ -376,6 +376,9 @@ def train_tokenizer(texts, vocab_size):
     trainer = rustbpe.Tokenizer()
     trainer.train_from_iterator(capped_texts(), vocab_size - 1, pattern=SPLIT_PATTERN)
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+    if len(ranks) < vocab_size - 1:
+        fail(f"the training text only supports {len(ranks) + 1} tokens but the profile's vocabulary is "
+             f"{vocab_size}: use more data")
     encoding = tiktoken.Encoding(name="autoresearch", pat_str=trainer.get_pattern(), mergeable_ranks=ranks,
                                  special_tokens={BOS_TOKEN: len(ranks)})
     print(f"tokenizer trained in {time.time() - start:.1f}s", file=sys.stderr)
@@ -591,7 +594,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-tokens", type=int, help="override the profile's evaluation tokens (smoke tests)")
     args = parser.parse_args(argv)
     if args.dataset not in ("climbmix", "builtin") and not args.dataset.startswith("local:"):
-        parser.error(f"unknown dataset {args.dataset!r}: use climbmix, builtin or local:PATH")
+        fail(f"unknown dataset {args.dataset!r}: use climbmix, builtin or local:PATH")
     if args.profile == "auto":
         args.profile = detect_profile()
     return args

@@ -104,6 +104,13 @@ def window_sizes(config):
     return sizes
 
 
+def sliding_window(window):
+    """FlexAttention mask: a query sees itself and the window - 1 positions before it."""
+    def mask(batch, head, query, key):
+        return (query >= key) & (query - key < window)
+    return mask
+
+
 def causal_attention(window, seq_len, device):
     """Causal attention over at most `window` past positions, with PyTorch's own kernels:
     full windows use SDPA's causal path (flash attention on CUDA); sliding windows use a
@@ -113,11 +120,7 @@ def causal_attention(window, seq_len, device):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if device.type == "cuda":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        def sliding_window(batch, head, query, key):
-            return (query >= key) & (query - key < window)
-
-        block_mask = create_block_mask(sliding_window, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+        block_mask = create_block_mask(sliding_window(window), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
         return lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)
     position = torch.arange(seq_len, device=device)
     distance = position[:, None] - position[None, :]

@@ -1,0 +1,36 @@
+"""Fixtures shared by the training-core tests: a synthetic corpus and a prepared builtin cache."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def synthetic_documents(count, seed=0):
+    """Zipf-distributed made-up words: varied enough for a 4096-token BPE, tiny on disk."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    weights = [1 / (rank + 1) for rank in range(len(words))]
+    return [" ".join(rng.choices(words, weights=weights, k=rng.randint(20, 200))) + "." for _ in range(count)]
+
+
+def run_prepare(cache, *args, timeout=300):
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
+    return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    """The offline corpus prepared once for the cpu profile, with a short budget and eval."""
+    cache = tmp_path_factory.mktemp("builtin-cache")
+    result = run_prepare(cache, "--dataset", "builtin", "--profile", "cpu", "--time-budget", "5",
+                         "--eval-tokens", str(16 * 256))
+    assert result.returncode == 0, result.stderr
+    return cache

@@ -1,0 +1,34 @@
+"""The README stays in step with the code: CI runs its test command, its commands exist."""
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command():
+    test_command = re.search(r"then this command\):\n\n```bash\n(.+)\n```", README).group(1)
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci_lines[-1].endswith(test_command)
+
+
+def test_every_prepare_option_in_the_readme_exists():
+    help_text = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    for option in set(re.findall(r"`(--[a-z][a-z-]*)", README)):
+        if option in ("--help",):
+            continue
+        assert option in help_text, option
+
+
+def test_readme_profiles_table_matches_prepare():
+    sys.path.insert(0, str(ROOT))
+    import prepare
+    for name, constants in prepare.PROFILES.items():
+        row = re.search(rf"^\| `{name}` \|[^|]*\| (\d+) \| (\d+) s \| ([\d,]+) \| (\d+) \|$", README, re.MULTILINE)
+        assert row, name
+        assert [int(value.replace(",", "")) for value in row.groups()] == [
+            constants["max_seq_len"], constants["time_budget"], constants["eval_tokens"], constants["vocab_size"]]

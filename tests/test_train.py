@@ -1,0 +1,148 @@
+"""train.py: a real CPU run end to end, the fast fail, the optimizer and the attention masks."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def train(builtin_cache):
+    """train.py imported as a module against the prepared builtin cache (cpu profile)."""
+    os.environ["AUTORESEARCH_CACHE"] = str(builtin_cache)
+    sys.path.insert(0, str(ROOT))
+    import train as module
+    return module
+
+
+def run_train(script, cache):
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+def summary(stdout):
+    block = stdout.split("\n---\n", 1)[1]
+    return dict(re.match(r"^(\w+):\s+(.*)$", line).groups() for line in block.strip().splitlines())
+
+
+def test_cpu_baseline_run_learns_and_prints_the_summary_block(builtin_cache):
+    result = run_train(ROOT / "train.py", builtin_cache)
+    assert result.returncode == 0, result.stderr[-2000:]
+    values = summary(result.stdout)
+    for key in ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+                "total_tokens_M", "num_steps", "num_params_M", "depth"):
+        assert key in values
+    prepared = builtin_cache / "prepared"
+    rows = np.load(prepared / "val_rows.npy")
+    weights = np.load(prepared / "token_bytes.npy")[rows[:, 1:]]
+    uniform = (weights > 0).sum() * math.log(4096) / (math.log(2) * weights.sum())
+    val_bpb = float(values["val_bpb"])
+    assert math.isfinite(val_bpb) and val_bpb < uniform
+    assert float(values["training_seconds"]) >= 5.0 and int(values["num_steps"]) > 1
+    assert float(values["peak_vram_mb"]) == 0.0 and values["mfu_basis"].startswith("none")
+    assert re.search(r"^val_bpb:\s+\d+\.\d{6}$", result.stdout, re.MULTILINE)  # upstream's grep still works
+
+
+def test_exploding_loss_fails_fast_with_exit_code_3(builtin_cache, tmp_path):
+    script = tmp_path / "train.py"
+    source = (ROOT / "train.py").read_text()
+    source = re.sub(r"^(\s+)EMBEDDING_LR = .*$", r"\1EMBEDDING_LR = 1e12", source, flags=re.MULTILINE)
+    source = re.sub(r"^(\s+)MATRIX_LR = .*$", r"\1MATRIX_LR = 1e12", source, flags=re.MULTILINE)
+    script.write_text(source)
+    (tmp_path / "prepare.py").symlink_to(ROOT / "prepare.py")
+    result = run_train(script, builtin_cache)
+    assert result.returncode == 3
+    assert re.search(r"^fast_fail: training loss \S+ at step \d+$", result.stdout, re.MULTILINE)
+    assert "\n---\n" not in result.stdout
+
+
+def test_orthogonalize_gives_near_orthogonal_updates(train):
+    torch.manual_seed(0)
+    for shape in [(64, 64), (32, 96), (96, 32), (3, 64, 128)]:
+        G = torch.randn(*shape)
+        singular_values = torch.linalg.svdvals(train.orthogonalize(G))
+        # Polar Express with its 2% safety margin lands every singular value near 1
+        assert singular_values.min() > 0.7 and singular_values.max() < 1.2, (shape, singular_values)
+
+
+def test_adamw_groups_match_torch_adamw(train):
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(16, 8))
+    reference = torch.nn.Parameter(ours.detach().clone())
+    settings = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    optimizer = train.MuonAdamW([dict(kind="adamw", params=[ours], **settings)])
+    torch_optimizer = torch.optim.AdamW([reference], **settings)
+    target = torch.randn(16, 8)
+    for _ in range(10):
+        for parameter, opt in ((ours, optimizer), (reference, torch_optimizer)):
+            parameter.grad = None
+            ((parameter - target) ** 3).sum().backward()
+            opt.step()
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_muon_reduces_a_matrix_loss_and_decays_only_where_signs_agree(train):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(32, 16))
+    target = torch.randn(32, 16)
+    optimizer = train.MuonAdamW([dict(kind="muon", params=[weight], lr=0.02, momentum=0.9, beta2=0.95, weight_decay=0.0)])
+    losses = []
+    for _ in range(50):
+        weight.grad = None
+        loss = ((weight - target) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+    # cautious weight decay: with zero gradient (zero update) no entry is decayed
+    frozen = torch.nn.Parameter(torch.ones(8, 8))
+    frozen.grad = torch.zeros(8, 8)
+    decaying = train.MuonAdamW([dict(kind="muon", params=[frozen], lr=0.1, momentum=0.9, beta2=0.95, weight_decay=1.0)])
+    decaying.step()
+    assert torch.equal(frozen.detach(), torch.ones(8, 8))
+
+
+def test_flex_attention_block_mask_matches_the_boolean_sliding_window(train):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    torch.manual_seed(0)
+    seq, window = 256, 64
+    q, k, v = (torch.randn(2, 2, seq, 32) for _ in range(3))
+    block_mask = create_block_mask(train.sliding_window(window), B=None, H=None, Q_LEN=seq, KV_LEN=seq, device="cpu")
+    flex = flex_attention(q, k, v, block_mask=block_mask)
+    masked = train.causal_attention(window, seq, torch.device("cpu"))(q, k, v)
+    torch.testing.assert_close(flex, masked, rtol=1e-4, atol=1e-5)
+    full = train.causal_attention(seq, seq, torch.device("cpu"))(q, k, v)
+    torch.testing.assert_close(full, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_model_is_causal(train):
+    torch.manual_seed(0)
+    config = train.GPTConfig(sequence_len=64, vocab_size=256, n_layer=3, n_head=2, n_embd=64, window_pattern="SL")
+    model = train.GPT(config)
+    model.init_weights()
+    for block in model.blocks:  # zero-initialised projections would hide a leak
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.02)
+        torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.02)
+    tokens = torch.randint(0, 256, (1, 64))
+    changed = tokens.clone()
+    changed[0, 40] = (changed[0, 40] + 1) % 256
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    torch.testing.assert_close(before[:, :40], after[:, :40])
+    assert not torch.allclose(before[:, 40:], after[:, 40:])
+
+
+def test_mfu_uses_the_peak_of_the_gpu_present(train):
+    names = {"NVIDIA H100 80GB HBM3": 989.5, "NVIDIA H100 PCIe": 756.0, "NVIDIA L40S": 362.0,
+             "NVIDIA L4": 121.0, "NVIDIA GeForce RTX 4090": 165.2, "NVIDIA A100-SXM4-80GB": 312.0}
+    for name, tflops in names.items():
+        match = next(t for pattern, t in train.GPU_PEAK_BF16_TFLOPS if pattern in name)
+        assert match == tflops, name
