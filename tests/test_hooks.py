@@ -158,6 +158,7 @@ BASH_CASES = [
     ("printf 'x' | tee scripts/decide.py", "research org"),
     ("echo 'abc\t0.9\t1.0\tkeep\tfake' >> results.tsv", "decide.py"),
     ("rm -rf runs", "decide.py"),
+    ("touch STOP", "Only the human"),
     ("sed -i 's/0.04/0.05/' train.py", None),
     ("echo '- lesson' >> .claude/context/memory/learnings.md", None),
     # secrets

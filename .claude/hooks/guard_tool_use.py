@@ -150,6 +150,8 @@ def is_editable(relative):
 
 def edit_reason(relative):
     """Why `relative` (a project path) may not be edited, naming what to do instead."""
+    if relative == "STOP":
+        return "Only the human ends the session by creating STOP: keep experimenting (see program.md, Never stop)."
     if relative == "prepare.py":
         what = "prepare.py is the fixed protocol (the referee of every result)"
     elif relative in ("results.tsv", "results.tsv.example", "runs", "run.log") or relative.startswith("runs/"):

@@ -1,0 +1,189 @@
+"""The skill pack and hooks under the real Claude Code CLI (node_modules/.bin/claude, pinned in
+package-lock.json), driven by a scripted model on 127.0.0.1 (tests/scripted_model.py).
+
+Each test runs in a copy of this working tree (a fresh git repository in a temporary folder) with
+a temporary HOME, no network and non-essential traffic off. The workspace is untrusted, as in an
+unattended `claude -p` run: the permission allow list is ignored and only hooks and deny/ask
+rules apply. Without the CLI these tests skip, unless AUTORESEARCH_REQUIRE_CLAUDE=1 (as in
+.ci/run), where a missing CLI is a failure.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scripted_model import ScriptedModel, action, new_text, text, tool_results, tool_use  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CLAUDE = REPO / "node_modules" / ".bin" / "claude"
+ALLOWED_TOOLS = "Bash,Read,Edit,Write"  # what an unattended run passes; the hooks still apply
+TRUST_NOTICE = "this workspace has not been trusted"  # the one line an untrusted workspace prints
+
+
+@pytest.fixture(scope="module")
+def claude():
+    if not CLAUDE.exists():
+        message = f"the Claude Code CLI is not installed ({CLAUDE}): run `npm ci`"
+        if os.environ.get("AUTORESEARCH_REQUIRE_CLAUDE") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return str(CLAUDE)
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A copy of the working tree as its own repository, with prepared-data stand-ins and a HOME."""
+    root = tmp_path / "project"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source, target = REPO / name, root / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the working tree
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))  # .claude/skills -> ../skills stays a link
+        else:
+            shutil.copy2(source, target)
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    home.mkdir()
+    (cache / "prepared").mkdir(parents=True)
+    (cache / "prepared" / "prepared.json").write_text(json.dumps({
+        "profile": "cpu", "dataset": "builtin", "max_seq_len": 256, "time_budget": 60,
+        "eval_tokens": 4096, "vocab_size": 512, "prepared_at": "2026-11-23T00:00:00Z"}))
+    env = {
+        "PATH": os.environ["PATH"], "HOME": str(home), "LANG": "C.UTF-8",
+        "ANTHROPIC_API_KEY": "sk-ant-test-not-a-real-key",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1",
+        "AUTORESEARCH_CACHE": str(cache),
+        # `uv run` inside the agent's Bash uses this repository's environment, offline, unsynced
+        "UV_PROJECT_ENVIRONMENT": str(REPO / ".venv"), "UV_NO_SYNC": "1", "UV_OFFLINE": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
+    for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "copy"]):
+        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
+    return root, env
+
+
+def start_session(root, env):
+    """A research session, started by the real setup helper."""
+    result = subprocess.run([sys.executable, "scripts/setup.py", "--tag", "clitest"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def run_claude(claude, root, env, script, prompt="have a look at program.md and kick off a new experiment"):
+    with ScriptedModel(script) as model:
+        result = subprocess.run(
+            [claude, "-p", prompt, "--output-format", "stream-json", "--verbose", "--allowedTools", ALLOWED_TOOLS],
+            cwd=root, env=dict(env, ANTHROPIC_BASE_URL=model.url), capture_output=True, text=True, timeout=120,
+        )
+    messages = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    return result, messages, model
+
+
+def unexpected_stderr(stderr):
+    return [line for line in stderr.splitlines() if line.strip() and TRUST_NOTICE not in line]
+
+
+def test_init_lists_the_skills_and_commands_without_errors(claude, workspace):
+    root, env = workspace
+    result, messages, model = run_claude(claude, root, env, [text("Nothing to do.")], prompt="hello")
+    assert result.returncode == 0, result.stderr
+    assert not unexpected_stderr(result.stderr)
+    init = next(message for message in messages if message.get("subtype") == "init")
+    assert {"ml-experiment-loop", "research-report"} <= set(init["skills"])
+    assert {"experiment", "status", "report", "ml-experiment-loop", "research-report"} <= set(init["slash_commands"])
+    assert all("error" not in plugin for plugin in init["plugins"])
+    hooks = [message for message in messages if message.get("subtype") == "hook_response"]
+    assert [hook["hook_event"] for hook in hooks] == ["SessionStart"]
+    assert hooks[0]["outcome"] == "success" and hooks[0]["exit_code"] == 0
+    assert "no research session is active" in new_text(model.agent_requests[0])
+    assert messages[-1]["type"] == "result" and messages[-1]["subtype"] == "success"
+
+
+def test_doctor_finds_no_invalid_settings(claude, workspace):
+    root, env = workspace
+    result = subprocess.run([claude, "doctor"], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert "Invalid settings" not in result.stdout, result.stdout
+    assert "may not work as written" not in result.stdout, result.stdout
+
+
+def test_plugin_validates(claude, workspace):
+    root, env = workspace
+    result = subprocess.run([claude, "plugin", "validate", str(root)], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Validation passed" in result.stdout
+    for component in ("skills: autoresearch:ml-experiment-loop", "skills: autoresearch:research-report",
+                      "commands: autoresearch:experiment", "commands: autoresearch:status", "commands: autoresearch:report"):
+        assert component in result.stdout
+
+
+def test_scripted_session_meets_the_hooks(claude, workspace):
+    root, env = workspace
+    start_session(root, env)
+    (root / "run.log").write_text("step 1 loss 4.2\n" * 2000)
+    prepare_before = (root / "prepare.py").read_text()
+    seen = {}
+
+    def human_ends_session():
+        seen["stop_file_before_the_human"] = (root / "STOP").exists()
+        (root / "STOP").write_text("")
+
+    script = [
+        tool_use("Bash", {"command": "cat run.log", "description": "read the log"}),
+        tool_use("Edit", {"file_path": str(root / "prepare.py"), "old_string": "import argparse",
+                          "new_string": "import argparse  # faster eval"}),
+        tool_use("Bash", {"command": "uv run scripts/status.py", "description": "where we stand"}),
+        tool_use("Edit", {"file_path": str(root / "train.py"), "old_string": "import gc\n", "new_string": "import gc(\n"}),
+        tool_use("Bash", {"command": "touch STOP", "description": "end the session"}),
+        text("That is enough for tonight; shall I continue tomorrow?"),
+        action(human_ends_session),
+        text("The human created STOP: stopping."),
+    ]
+    result, messages, model = run_claude(claude, root, env, script)
+    assert result.returncode == 0, result.stderr
+    requests = model.agent_requests
+
+    # SessionStart: the briefing of the active session reaches the model
+    assert "autoresearch session 'clitest' on branch autoresearch/clitest" in new_text(requests[0])
+
+    # cat run.log: blocked with our reason
+    [(content, is_error)] = tool_results(requests[1])
+    assert is_error and "Do not read whole logs" in content and "tail -n 50 run.log" in content
+
+    # Edit prepare.py: blocked with our reason, file untouched
+    [(content, is_error)] = tool_results(requests[2])
+    assert is_error and "prepare.py is the fixed protocol" in content
+    assert (root / "prepare.py").read_text() == prepare_before
+
+    # a helper runs for real
+    [(content, is_error)] = tool_results(requests[3])
+    assert not is_error and "clitest" in content, content
+
+    # a broken train.py is reported at once by the PostToolUse syntax check
+    assert "train.py no longer parses (line" in new_text(requests[4])
+
+    # the agent cannot end the session by itself
+    [(content, is_error)] = tool_results(requests[5])
+    assert is_error and "Only the human ends the session" in content
+    assert seen["stop_file_before_the_human"] is False
+
+    # its stop is turned into a continuation, with the next step
+    feedback = new_text(requests[6])
+    assert "Stop hook feedback:" in feedback and "Do not stop" in feedback
+    assert 'uv run scripts/experiment.py "baseline"' in feedback
+
+    # with STOP present the next stop is allowed: no further request, a clean result
+    assert len(requests) == 7, [new_text(request)[:120] for request in requests[7:]]
+    assert messages[-1]["type"] == "result" and messages[-1]["subtype"] == "success"
+    assert messages[-1]["result"] == "The human created STOP: stopping."
