@@ -147,12 +147,22 @@ def ascii_line(text, limit):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def torch_version():
-    """Read from the installed package's metadata: cheap, unlike importing torch."""
-    try:
-        return importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def installed_version(*names):
+    """The version of the first installed package among `names`, read from its metadata: cheap,
+    unlike importing torch. None when none is installed."""
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def cuda_version(torch):
+    """CUDA from torch's local version label (2.9.0+cu128) or the CUDA runtime wheel torch pulled in."""
+    if torch and "+cu" in torch:
+        return torch.split("+cu", 1)[1]
+    return installed_version("nvidia-cuda-runtime", "nvidia-cuda-runtime-cu13", "nvidia-cuda-runtime-cu12")
 
 
 def main():
@@ -187,7 +197,11 @@ def main():
     common.write_json_atomic(common.PENDING_FILE, pending)  # before the commit: a kill from here on is noticed
 
     rerun = "train.py" not in changed
-    commit = parent if rerun else common.commit_file("train.py", f"experiment: {description}")
+    try:
+        commit = parent if rerun else common.commit_file("train.py", f"experiment: {description}")
+    except common.GitError:
+        common.PENDING_FILE.unlink()  # nothing was committed: nothing is pending
+        raise
     run_dir = common.RUNS_DIR / f"{number}-{commit[:7]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     run_log = run_dir / "run.log"
@@ -220,7 +234,9 @@ def main():
         failure = {"kind": "fast_fail", "detail": f"val_bpb is {val_bpb}", "excerpt": []}
     else:
         failure = common.triage(tail, exit_code, timed_out, timeout)
-    memory_gb = metrics.get("peak_vram_mb", 0.0) / 1024 if finished else 0.0
+    peak_vram_mb = metrics.get("peak_vram_mb")
+    memory_gb = peak_vram_mb / 1024 if finished and common.is_finite_number(peak_vram_mb) else 0.0
+    torch = installed_version("torch")
     best = common.best_kept(rows)
     best_val = best.val_bpb if best else None
     noise = common.noise_band(session)
@@ -240,7 +256,7 @@ def main():
         "profile": manifest.get("profile"), "dataset": manifest.get("dataset"), "manifest": manifest,
         "prepare_sha256": session["prepare_sha256"], "session": session["tag"],
         "host": os.uname().nodename, "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch_version(),
+        "python": platform.python_version(), "torch": torch, "cuda": cuda_version(torch),
         "run_log": str(run_log.relative_to(common.ROOT)),
     }
     common.write_json_atomic(run_dir / "summary.json", summary)
@@ -249,7 +265,8 @@ def main():
     common.write_json_atomic(common.PENDING_FILE, pending)
 
     if finished:
-        seconds = metrics.get("training_seconds", wall_seconds)
+        seconds = metrics.get("training_seconds")
+        seconds = seconds if common.is_finite_number(seconds) else wall_seconds
         against = f"{val_bpb - best_val:+.6f} vs best {best_val:.6f}" if best else "baseline"
         advice = "keep" if judged in ("baseline", "improved", "simpler") else "discard"
         line = (f"{number} {commit[:7]} val_bpb {val_bpb:.6f} ({against}) mem {memory_gb:.1f} GB "

@@ -113,7 +113,9 @@ def print_text(status):
     if status["stop_reason"]:
         print(f"stop: {status['stop_reason']}")
     elif status["deadline"] or status["max_experiments"]:
-        print(f"limits: deadline {status['deadline']}, max_experiments {status['max_experiments']}")
+        limits = [f"deadline {status['deadline']}"] if status["deadline"] else []
+        limits += [f"max_experiments {status['max_experiments']}"] if status["max_experiments"] else []
+        print(f"limits: {', '.join(limits)}")
     for row in status["last_rows"]:
         print(common.format_row(common.LedgerRow(**row)), end="")
 
