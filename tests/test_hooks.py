@@ -370,3 +370,42 @@ def test_syntax_check_reports_a_broken_train_py(project):
 def test_syntax_check_ignores_other_files(project):
     (project / "notes.md").write_text("def f(:\n")
     assert after_edit(project, project / "notes.md") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory protocol: REASONING before an experiment, ANALYSIS before a decision
+
+REASONING = "\n### REASONING: depth 10\n- hypothesis: deeper is better\n- evidence: x\n- risk: y\n"
+ANALYSIS = "\n### ANALYSIS: depth 10\n- result: worse\n- vs expected: worse\n- why: fewer steps\n- lesson: z\n"
+RUN = 'uv run scripts/experiment.py "depth 10"'
+
+
+def test_baseline_needs_no_reasoning(project):
+    start_session(project)
+    assert guard("Bash", {"command": 'uv run scripts/experiment.py "baseline"'}, project) is None
+
+
+def test_experiment_needs_a_reasoning_block_first(project):
+    start_session(project, [ROW_KEEP])
+    assert "REASONING" in guard("Bash", {"command": RUN}, project)
+    assert "REASONING" in guard("Bash", {"command": f"git status && {RUN}"}, project)
+    (project / "notes.md").write_text(NOTES + REASONING)
+    assert guard("Bash", {"command": RUN}, project) is None
+    (project / "notes.md").write_text(NOTES + REASONING + ANALYSIS)  # the last one was analysed already
+    assert "REASONING" in guard("Bash", {"command": RUN}, project)
+
+
+def test_decision_needs_an_analysis_block_first(project):
+    start_session(project, [ROW_KEEP])
+    (project / "runs" / "pending.json").write_text(json.dumps({"id": 2, "state": "finished", "description": "depth 10"}))
+    (project / "notes.md").write_text(NOTES + REASONING)
+    assert "ANALYSIS" in guard("Bash", {"command": "uv run scripts/decide.py discard"}, project)
+    assert guard("Bash", {"command": "uv run scripts/decide.py backtrack abc1234"}, project) is None
+    (project / "notes.md").write_text(NOTES + REASONING + ANALYSIS)
+    assert guard("Bash", {"command": "uv run scripts/decide.py discard"}, project) is None
+
+
+def test_template_examples_do_not_count_as_blocks(project):
+    start_session(project, [ROW_KEEP])
+    (project / "notes.md").write_text((REPO / "skills" / "ml-experiment-loop" / "templates" / "notes.md").read_text())
+    assert "REASONING" in guard("Bash", {"command": RUN}, project)

@@ -14,6 +14,9 @@ Blocked:
   a Read of a log without a limit of at most 50 lines.
 - git push, git add of the ledger or logs, raw git commit/reset/checkout/rebase/merge/clean (the
   helpers commit, reset and rewind), running train.py directly (experiment.py does it).
+- Skipping the memory protocol during a session: `experiment.py` unless the newest Experiment Log
+  block in notes.md is a REASONING block, `decide.py keep|discard` unless it is an ANALYSIS block
+  (the baseline is exempt).
 - Installing packages (pip, uv add/pip/remove, uv run --with, uvx, conda, apt, npm ...).
 - Network access (curl, wget, ssh, git fetch/pull/clone ...) and reading secrets (~/.ssh ...).
 Compound commands (&&, ||, ;, |, &, newlines, ( ), $( ), backticks, bash -c '...', eval, heredocs
@@ -38,7 +41,7 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from research_state import project_root  # noqa: E402
+from research_state import StateUnavailable, project_root, read_state  # noqa: E402
 
 MAX_LOG_LINES = 50  # enough to see a traceback's end; a full run.log is thousands of lines
 
@@ -77,6 +80,14 @@ REASON_NETWORK = (
     "is local (`uv run scripts/status.py` for where things stand)."
 )
 REASON_SECRET = "Secrets (~/.ssh, ~/.aws, .env, credentials) are off limits to the research agent."
+REASON_NEED_REASONING = (
+    "Write this experiment's REASONING block in notes.md first (### REASONING: NAME, with "
+    "hypothesis, evidence, risk, under ## Experiment Log), then run `uv run scripts/experiment.py \"DESCRIPTION\"`."
+)
+REASON_NEED_ANALYSIS = (
+    "Write the ANALYSIS block in notes.md first (### ANALYSIS: NAME, with result, vs expected, why, "
+    "lesson), then run `uv run scripts/decide.py keep|discard`."
+)
 REASON_UNPARSED = "Could not parse this shell command (unbalanced quotes?): split it into simpler commands."
 
 PACKAGE_MANAGERS = {
@@ -116,6 +127,7 @@ OPERATORS = re.compile(r"&&|\|\||;;|\|&|&>>|&>|>>|<<<|<<-|<<|>&|<&|>\||<>|[;&|()
 CONTROL = {"&&", "||", ";;", "|&", ";", "&", "|", "(", ")", "\n"}
 REDIRECTS = {"&>>", "&>", ">>", "<<<", "<<-", "<<", ">&", "<&", ">|", "<>", "<", ">"}
 OUTPUT_REDIRECTS = {"&>>", "&>", ">>", ">|", ">"}
+LOG_BLOCK = re.compile(r"^###\s+(REASONING|ANALYSIS)\b", re.M | re.I)
 HEREDOC = re.compile(r"<<-?\s*(['\"]?)([A-Za-z_][\w.-]*)\1")
 
 
@@ -379,6 +391,34 @@ def check_git(args, cwd, root):
             check_write(path, cwd, root)
 
 
+def newest_log_block(root):
+    """'REASONING', 'ANALYSIS' or None: the kind of the last such block in notes.md."""
+    try:
+        with open(os.path.join(root, "notes.md"), encoding="utf-8") as handle:
+            text = re.sub(r"<!--.*?-->", "", handle.read(), flags=re.S)  # the template's examples
+    except OSError:
+        return None
+    blocks = LOG_BLOCK.findall(text)
+    return blocks[-1].upper() if blocks else None
+
+
+def check_memory_protocol(program, args, root):
+    """REASONING before each experiment, ANALYSIS before each decision (baseline exempt)."""
+    if "-h" in args or "--help" in args:
+        return
+    try:
+        state = read_state(root)
+    except StateUnavailable:
+        return  # the helper itself will say what is wrong
+    if state is None or not state["rows"]:
+        return  # no session, or the baseline: nothing to reason about yet
+    if program == "experiment.py" and newest_log_block(root) != "REASONING":
+        raise Blocked(REASON_NEED_REASONING)
+    if program == "decide.py" and args[:1] in (["keep"], ["discard"]) and state["pending"] \
+            and newest_log_block(root) != "ANALYSIS":
+        raise Blocked(REASON_NEED_ANALYSIS)
+
+
 def check_simple(argv, heredoc, cwd, root, bodies_seen):
     if argv and argv[0] == "<heredoc>":
         return
@@ -408,6 +448,8 @@ def check_simple(argv, heredoc, cwd, root, bodies_seen):
         os.path.basename(arg) == "train.py" for arg in args[:3]
     )):
         raise Blocked(REASON_TRAIN)
+    if program in ("experiment.py", "decide.py") and os.path.basename(os.path.dirname(argv[0]) or "scripts") == "scripts":
+        check_memory_protocol(program, args, root)
     files = [arg for arg in args if not arg.startswith("-")]
     if program in WHOLE_FILE_READERS and any(is_log(name) for name in files):
         raise Blocked(REASON_LOG)
