@@ -1,0 +1,51 @@
+"""The helpers end to end with the real prepare.py and train.py on the CPU profile (about 30 s).
+
+A 5-second time budget and a small evaluation keep it short; everything else is the real thing:
+the built-in corpus, the real tokenizer and model, the default training command.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def run(args, cwd, env):
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_setup_experiment_decide_status_plot_with_the_real_train_py(tmp_path):
+    repo, cache = tmp_path / "repo", tmp_path / "cache"
+    repo.mkdir()
+    for name in ("prepare.py", "train.py", ".gitignore"):
+        shutil.copy(PROJECT / name, repo)
+    shutil.copytree(PROJECT / "scripts", repo / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    for command in (["init", "-q", "-b", "main"], ["config", "user.name", "Test"],
+                    ["config", "user.email", "test@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
+        subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
+    for key in ("AUTORESEARCH_TRAIN_COMMAND", "AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE"):
+        env.pop(key, None)
+
+    run(["prepare.py", "--dataset", "builtin", "--profile", "cpu", "--time-budget", "5", "--eval-tokens", "8192"],
+        repo, env)
+    run(["scripts/setup.py", "--tag", "real"], repo, env)
+    line = run(["scripts/experiment.py", "baseline"], repo, env)
+    assert line.startswith("0001 ") and "baseline" in line and len(line.splitlines()) == 1
+    run(["scripts/decide.py", "keep"], repo, env)
+
+    (run_dir,) = (repo / "runs").glob("0001-*")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok" and 0 < summary["val_bpb"] < 20
+    assert summary["metrics"]["num_steps"] > 0 and summary["profile"] == "cpu"
+    assert summary["decision"]["status"] == "keep"
+    status = json.loads(run(["scripts/status.py", "--json"], repo, env))
+    assert status["best"]["val_bpb"] == round(summary["val_bpb"], 6)
+    run(["scripts/plot.py"], repo, env)
+    assert (repo / "progress.png").exists()
