@@ -128,9 +128,21 @@ def test_plugin_validates(claude, workspace):
         assert component in result.stdout
 
 
-def test_scripted_session_meets_the_hooks(claude, workspace):
+FAKE_TRAINING = """
+print("step 00001 | loss 4.2")
+print("---")
+for key, value in [("val_bpb", 0.99), ("training_seconds", 1.0), ("total_seconds", 1.5), ("peak_vram_mb", 1024.0),
+                   ("mfu_percent", 1.0), ("total_tokens_M", 0.1), ("num_steps", 3), ("num_params_M", 0.5), ("depth", 2)]:
+    print(f"{key}: {value}")
+"""
+
+
+def test_scripted_session_meets_the_hooks(claude, workspace, tmp_path):
+    """One scripted night in miniature: the rules hold, the helpers run, the Stop hook keeps it going."""
     root, env = workspace
     start_session(root, env)
+    (tmp_path / "fake_training.py").write_text(FAKE_TRAINING)  # stands in for train.py: no GPU, no data
+    env = dict(env, AUTORESEARCH_TRAIN_COMMAND=f"{sys.executable} {tmp_path / 'fake_training.py'}")
     (root / "run.log").write_text("step 1 loss 4.2\n" * 2000)
     prepare_before = (root / "prepare.py").read_text()
     seen = {}
@@ -139,12 +151,18 @@ def test_scripted_session_meets_the_hooks(claude, workspace):
         seen["stop_file_before_the_human"] = (root / "STOP").exists()
         (root / "STOP").write_text("")
 
+    first_idea = "1. Baseline: run train.py unchanged to measure the starting val_bpb."
     script = [
         tool_use("Bash", {"command": "cat run.log", "description": "read the log"}),
         tool_use("Edit", {"file_path": str(root / "prepare.py"), "old_string": "import argparse",
                           "new_string": "import argparse  # faster eval"}),
+        tool_use("Bash", {"command": 'uv run scripts/experiment.py "baseline"', "description": "baseline"}),
+        tool_use("Bash", {"command": "uv run scripts/decide.py keep", "description": "keep the baseline"}),
         tool_use("Bash", {"command": "uv run scripts/status.py", "description": "where we stand"}),
+        tool_use("Edit", {"file_path": str(root / "notes.md"), "old_string": first_idea,
+                          "new_string": "1. Depth 10 at the same width"}),
         tool_use("Edit", {"file_path": str(root / "train.py"), "old_string": "import gc\n", "new_string": "import gc(\n"}),
+        tool_use("Bash", {"command": 'uv run scripts/experiment.py "depth 10"', "description": "next"}),
         tool_use("Bash", {"command": "touch STOP", "description": "end the session"}),
         text("That is enough for tonight; shall I continue tomorrow?"),
         action(human_ends_session),
@@ -154,36 +172,48 @@ def test_scripted_session_meets_the_hooks(claude, workspace):
     assert result.returncode == 0, result.stderr
     requests = model.agent_requests
 
+    def only_result(request):
+        [(content, is_error)] = tool_results(request)
+        return content, is_error
+
     # SessionStart: the briefing of the active session reaches the model
     assert "autoresearch session 'clitest' on branch autoresearch/clitest" in new_text(requests[0])
 
     # cat run.log: blocked with our reason
-    [(content, is_error)] = tool_results(requests[1])
+    content, is_error = only_result(requests[1])
     assert is_error and "Do not read whole logs" in content and "tail -n 50 run.log" in content
 
     # Edit prepare.py: blocked with our reason, file untouched
-    [(content, is_error)] = tool_results(requests[2])
+    content, is_error = only_result(requests[2])
     assert is_error and "prepare.py is the fixed protocol" in content
     assert (root / "prepare.py").read_text() == prepare_before
 
-    # a helper runs for real
-    [(content, is_error)] = tool_results(requests[3])
-    assert not is_error and "clitest" in content, content
+    # the helpers run for real: baseline, its decision, the status
+    content, is_error = only_result(requests[3])
+    assert not is_error and "0.99" in content, content
+    content, is_error = only_result(requests[4])
+    assert not is_error, content
+    content, is_error = only_result(requests[5])
+    assert not is_error and "0.99" in content, content
+    assert "\tkeep\tbaseline" in (root / "results.tsv").read_text()
 
-    # a broken train.py is reported at once by the PostToolUse syntax check
-    assert "train.py no longer parses (line" in new_text(requests[4])
+    # notes.md may be edited; a broken train.py is reported at once by the PostToolUse check
+    assert not only_result(requests[6])[1]
+    assert "train.py no longer parses (line" in new_text(requests[7])
 
-    # the agent cannot end the session by itself
-    [(content, is_error)] = tool_results(requests[5])
+    # no experiment without its REASONING block, and the agent cannot end the session itself
+    content, is_error = only_result(requests[8])
+    assert is_error and "REASONING block" in content
+    content, is_error = only_result(requests[9])
     assert is_error and "Only the human ends the session" in content
     assert seen["stop_file_before_the_human"] is False
 
-    # its stop is turned into a continuation, with the next step
-    feedback = new_text(requests[6])
+    # its stop is turned into a continuation that names the next idea
+    feedback = new_text(requests[10])
     assert "Stop hook feedback:" in feedback and "Do not stop" in feedback
-    assert 'uv run scripts/experiment.py "baseline"' in feedback
+    assert "Depth 10 at the same width" in feedback and "best val_bpb 0.990000" in feedback
 
     # with STOP present the next stop is allowed: no further request, a clean result
-    assert len(requests) == 7, [new_text(request)[:120] for request in requests[7:]]
+    assert len(requests) == 11, [new_text(request)[:120] for request in requests[11:]]
     assert messages[-1]["type"] == "result" and messages[-1]["subtype"] == "success"
     assert messages[-1]["result"] == "The human created STOP: stopping."
