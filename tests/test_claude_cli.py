@@ -106,6 +106,9 @@ def test_init_lists_the_skills_and_commands_without_errors(claude, workspace):
     assert [hook["hook_event"] for hook in hooks] == ["SessionStart"]
     assert hooks[0]["outcome"] == "success" and hooks[0]["exit_code"] == 0
     assert "no research session is active" in new_text(model.agent_requests[0])
+    first_request = json.dumps(model.agent_requests[0])
+    assert "In Claude Code the two skills" in first_request  # CLAUDE.md is loaded
+    assert "If you were asked to do research" in first_request  # and its @AGENTS.md import
     assert messages[-1]["type"] == "result" and messages[-1]["subtype"] == "success"
 
 

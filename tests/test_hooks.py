@@ -56,6 +56,7 @@ def start_session(project, rows=(), **session):
 def run_hook(name, payload, project, env=None):
     environment = dict(os.environ, CLAUDE_PROJECT_DIR=str(project))
     environment.pop("AUTORESEARCH_MAINTAINER", None)
+    environment.pop("AUTORESEARCH_HEADLESS", None)
     environment.update(env or {})
     result = subprocess.run(
         [sys.executable, str(HOOKS / name)], input=json.dumps(payload), capture_output=True,
@@ -280,6 +281,12 @@ def test_stop_allowed_once_a_stop_file_exists(project):
     start_session(project, [ROW_KEEP])
     (project / "STOP").write_text("")
     assert stop(project) is None
+
+
+def test_stop_allowed_in_a_headless_iteration(project):
+    start_session(project, [ROW_KEEP])
+    payload = {"hook_event_name": "Stop", "stop_hook_active": False, "cwd": str(project)}
+    assert run_hook("keep_researching.py", payload, project, env={"AUTORESEARCH_HEADLESS": "1"}) is None
 
 
 def test_stop_allowed_after_the_deadline(project):

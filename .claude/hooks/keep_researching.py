@@ -10,6 +10,8 @@ It lets the agent stop when
 - a STOP file exists at the project root (the human's off switch),
 - there is no research session (no runs/session.json: not started with `uv run scripts/setup.py`),
 - the session's deadline or max_experiments (set at setup) has passed, or
+- the headless orchestrator started this CLI for one iteration (AUTORESEARCH_HEADLESS=1 in the
+  environment of `claude -p`, set by scripts/loop.py): there the loop, not the agent, goes on, or
 - it has already blocked MAX_BLOCKS times in a row with no new ledger row in between: a stuck
   agent must not burn tokens all night. The count lives in runs/stop_hook.json (untracked) and
   starts again whenever the ledger grows.
@@ -62,7 +64,7 @@ def next_step(root, state):
 
 def decide(root):
     """None to let the agent stop, or the reason to give it for going on."""
-    if os.path.exists(os.path.join(root, "STOP")):
+    if os.path.exists(os.path.join(root, "STOP")) or os.environ.get("AUTORESEARCH_HEADLESS") == "1":
         return None
     try:
         state = read_state(root)
