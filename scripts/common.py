@@ -520,12 +520,25 @@ def load_pending():
     return read_json(PENDING_FILE)
 
 
+def boot_id():
+    """Changes at every reboot (Linux), so a pid recorded before a reboot is not mistaken for a live one."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def process_marker():
+    """Who is running the experiment: enough to tell later whether that process still lives."""
+    return {"pid": os.getpid(), "host": os.uname().nodename, "boot_id": boot_id()}
+
+
 def pending_state(pending):
     """'running', 'interrupted' (its experiment.py died before finishing) or 'finished'."""
     if pending.get("state") == "finished":
         return "finished"
-    same_host = pending.get("host") == os.uname().nodename
-    if same_host and pending.get("pid") and pid_alive(pending["pid"]):
+    same_machine = pending.get("host") == os.uname().nodename and pending.get("boot_id") == boot_id()
+    if same_machine and pending.get("pid") and pid_alive(pending["pid"]):
         return "running"
     return "interrupted"
 

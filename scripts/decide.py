@@ -49,7 +49,8 @@ def close_interrupted(pending):
     """An experiment whose experiment.py died mid-run: stop training it left behind, and write
     a crash summary. Returns the experiment's commit, or None when it never got committed."""
     pgid = pending.get("training_pgid")
-    if pgid and pending.get("host") == os.uname().nodename and common.process_group_alive(pgid):
+    same_machine = pending.get("host") == os.uname().nodename and pending.get("boot_id") == common.boot_id()
+    if pgid and same_machine and common.process_group_alive(pgid):
         common.stop_process_group(pgid)
     commit = pending.get("commit")
     if commit is None:

@@ -193,7 +193,7 @@ def main():
     number = f"{common.next_run_number():04d}"
     parent = common.head_commit()
     pending = {"id": number, "state": "starting", "description": description, "parent": parent,
-               "pid": os.getpid(), "host": os.uname().nodename, "started_at": common.now_iso()}
+               "started_at": common.now_iso(), **common.process_marker()}
     common.write_json_atomic(common.PENDING_FILE, pending)  # before the commit: a kill from here on is noticed
 
     rerun = "train.py" not in changed
