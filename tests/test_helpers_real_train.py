@@ -1,7 +1,8 @@
 """The helpers end to end with the real prepare.py and train.py on the CPU profile (about 30 s).
 
-A 5-second time budget and a small evaluation keep it short; everything else is the real thing:
-the built-in corpus, the real tokenizer and model, the default training command.
+The built-in corpus is prepared once for the whole test run by conftest's builtin_cache (a 5-second
+time budget and a small evaluation keep it short); everything else is the real thing: the real
+tokenizer and model, and experiment.py's default training command.
 """
 
 import json
@@ -20,8 +21,8 @@ def run(args, cwd, env):
     return result.stdout
 
 
-def test_setup_experiment_decide_status_plot_with_the_real_train_py(tmp_path):
-    repo, cache = tmp_path / "repo", tmp_path / "cache"
+def test_setup_experiment_decide_status_plot_with_the_real_train_py(tmp_path, builtin_cache):
+    repo = tmp_path / "repo"
     repo.mkdir()
     for name in ("prepare.py", "train.py", ".gitignore"):
         shutil.copy(PROJECT / name, repo)
@@ -29,12 +30,10 @@ def test_setup_experiment_decide_status_plot_with_the_real_train_py(tmp_path):
     for command in (["init", "-q", "-b", "main"], ["config", "user.name", "Test"],
                     ["config", "user.email", "test@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
         subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
-    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache))
     for key in ("AUTORESEARCH_TRAIN_COMMAND", "AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE"):
         env.pop(key, None)
 
-    run(["prepare.py", "--dataset", "builtin", "--profile", "cpu", "--time-budget", "5", "--eval-tokens", "8192"],
-        repo, env)
     run(["scripts/setup.py", "--tag", "real"], repo, env)
     line = run(["scripts/experiment.py", "baseline"], repo, env)
     assert line.startswith("0001 ") and "baseline" in line and len(line.splitlines()) == 1
