@@ -8,6 +8,7 @@ Usage:
     uv run prepare.py                          # climbmix from the Hugging Face hub, 10 train shards
     uv run prepare.py --dataset builtin        # offline: the installed Python standard library
     uv run prepare.py --dataset local:/data/my-corpus --profile gpu
+    uv run prepare.py score runs/0007-abc1234/model.pt2 [--split test]   # the referee's re-evaluation
     uv run prepare.py --help
 
 Everything lands in $AUTORESEARCH_CACHE (default ~/.cache/autoresearch):
@@ -21,6 +22,7 @@ import argparse
 import base64
 import bisect
 import concurrent.futures
+import contextlib
 import datetime
 import hashlib
 import json
@@ -704,7 +706,31 @@ def score_rows(model, rows, batch_size, token_bytes):
         total_nats += nats[counted].double().sum()
         total_bytes += weights.double().sum()
         start += len(chunk)
-    return total_nats.item(), total_bytes.item()
+    return total_nats.item(), total_bytes.item(), batch_size
+
+
+CAUSALITY_PROBE_SEED = 20251123  # fixed, so a run cannot be lucky with where the probes fall
+
+
+def check_causality(model, rows, batch_size):
+    """Changing the token at a position j must leave every logit before j unchanged. Probes one
+    batch of rows, each with its own random j; a model that looks ahead is reported `invalid`
+    (exit code 4), whatever its score."""
+    import torch
+    device = next(model.parameters()).device
+    probe = torch.from_numpy(rows[:batch_size, :-1].astype(np.int64)).to(device)
+    positions = np.random.default_rng(CAUSALITY_PROBE_SEED).integers(1, probe.size(1), size=probe.size(0))
+    changed = probe.clone()
+    vocab_size = manifest()["vocab_size"]
+    for row, position in enumerate(positions):
+        changed[row, position] = (changed[row, position] + 1) % vocab_size
+    with torch.no_grad():
+        before, after = model(probe).float(), model(changed).float()
+    for row, position in enumerate(positions):
+        if not torch.allclose(before[row, :position], after[row, :position], rtol=1e-3, atol=1e-3):
+            print(f"invalid: the model is not causal: changing token {position} of an eval row changed "
+                  f"the logits before it", file=sys.stderr, flush=True)
+            raise SystemExit(4)
 
 
 def evaluate_bpb(model, batch_size, split="val"):
@@ -720,11 +746,58 @@ def evaluate_bpb(model, batch_size, split="val"):
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device)
     with torch.no_grad():
-        nats, nbytes = score_rows(model, rows, batch_size, token_bytes)
+        nats, nbytes, batch_size = score_rows(model, rows, batch_size, token_bytes)
+    check_causality(model, rows, batch_size)
     return nats / (math.log(2) * nbytes)
 
 
+# ---------------------------------------------------------------------------
+# The trusted evaluator: scores a saved model in a process that never imports train.py
+# ---------------------------------------------------------------------------
+
+def save_for_referee(model, path, batch_size):
+    """Saves the model's logits forward with its weights (torch.export), so that the referee can
+    load and score it without the experiment's Python code, and monkeypatching buys nothing."""
+    import torch
+    device = next(model.parameters()).device
+    example = torch.zeros(min(batch_size, 2), manifest()["max_seq_len"], dtype=torch.int64, device=device)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    temporary = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}.pt2")  # torch wants the suffix
+    torch.export.save(exported, str(temporary))
+    os.replace(temporary, path)
+
+
+def score_saved_model(path, split, batch_size):
+    """val_bpb (or test) of a model saved by save_for_referee, computed here from its logits,
+    with the causality probe. Autocast in bf16 on CUDA, as training evaluates."""
+    import torch
+    module = torch.export.load(str(path)).module()
+    device = next(module.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        return evaluate_bpb(module, batch_size, split)
+
+
+def score_main(argv):
+    """`prepare.py score MODEL [--split val|test]`: the referee's re-evaluation, one line out."""
+    parser = argparse.ArgumentParser(prog="prepare.py score",
+                                     description="Score a model saved by train.py, without train.py's code.")
+    parser.add_argument("model", help="the saved model (model.pt2 in the run's folder)")
+    parser.add_argument("--split", default="val", choices=["val", "test"], help="val (default) or the held-out test")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    args = parser.parse_args(argv)
+    if not Path(args.model).is_file():
+        fail(f"no saved model at {args.model}")
+    started = time.time()
+    bpb = score_saved_model(args.model, args.split, args.batch_size)
+    print(f"{args.split}_bpb: {bpb:.6f}")
+    print(f"score_seconds: {time.time() - started:.1f}")
+
+
 def main():
+    if sys.argv[1:2] == ["score"]:
+        return score_main(sys.argv[2:])
     args = parse_args()
     # SIGTERM unwinds like Ctrl-C, so the temporary folder is removed either way.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

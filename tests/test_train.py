@@ -146,3 +146,52 @@ def test_mfu_uses_the_peak_of_the_gpu_present(train):
     for name, tflops in names.items():
         match = next(t for pattern, t in train.GPU_PEAK_BF16_TFLOPS if pattern in name)
         assert match == tflops, name
+
+
+# ---------------------------------------------------------------------------
+# The referee: the causality probe and the re-evaluation in a fresh process
+# ---------------------------------------------------------------------------
+
+class PeekingModel(torch.nn.Module):
+    """Adds the next token's embedding to each position's logits: a model that looks ahead."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, idx):
+        ahead = torch.roll(idx, shifts=-1, dims=1)
+        return self.embedding(idx) + self.embedding(ahead)
+
+
+def test_a_model_that_looks_ahead_is_invalid(train, capsys):
+    import prepare
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.evaluate_bpb(PeekingModel(prepare.VOCAB_SIZE), batch_size=4)
+    assert exit_info.value.code == 4
+    assert capsys.readouterr().err.startswith("invalid: the model is not causal")
+
+
+def tiny_model(train):
+    import prepare
+    torch.manual_seed(0)
+    config = train.GPTConfig(sequence_len=prepare.MAX_SEQ_LEN, vocab_size=prepare.VOCAB_SIZE, n_layer=2, n_head=1,
+                             n_embd=64, window_pattern="SL")
+    model = train.GPT(config)
+    model.init_weights()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.05)  # give it opinions, so scores differ from uniform
+    return model.eval()
+
+
+def test_the_referee_rescores_a_saved_model_to_the_same_number(train, builtin_cache, tmp_path):
+    import prepare
+    model = tiny_model(train)
+    in_process = prepare.evaluate_bpb(model, batch_size=8)
+    prepare.save_for_referee(model, tmp_path / "model.pt2", batch_size=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]
+    result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "score", str(tmp_path / "model.pt2")],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    scored = float(re.search(r"^val_bpb: (\S+)$", result.stdout, re.MULTILINE).group(1))
+    assert scored == pytest.approx(in_process, abs=2e-6)
