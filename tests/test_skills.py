@@ -60,7 +60,8 @@ def test_memory_templates_have_the_sections_the_hooks_and_skill_read():
     notes = (SKILLS / "ml-experiment-loop" / "templates" / "notes.md").read_text()
     for section in ("## Best Known Config", "## Dead Ends", "## What Works", "## Ideas Queue (ranked)", "## Experiment Log"):
         assert section in notes
-    for field in ("### REASONING", "hypothesis:", "evidence:", "risk:", "### ANALYSIS", "result:", "vs expected:", "why:", "lesson:"):
+    fields = ("### REASONING", "hypothesis:", "evidence:", "risk:", "### ANALYSIS", "result:", "vs expected:", "why:", "lesson:")
+    for field in fields:
         assert field in notes
     for name in ("learnings.md", "issues.md", "decisions.md"):
         assert (SKILLS / "ml-experiment-loop" / "templates" / name).read_text().startswith("# ")

@@ -56,8 +56,8 @@ def briefing(root):
     if over:
         lines.append(f"The session is over ({over}): write the morning report (research-report skill).")
     best = state["best"]
-    lines.append(f"Experiments: {state['experiments']}; best kept: "
-                 + (f"val_bpb {best.val_bpb:.6f} at {best.commit} ({best.description})" if best else "none yet (run the baseline)"))
+    best_text = f"val_bpb {best.val_bpb:.6f} at {best.commit} ({best.description})" if best else "none yet (run the baseline)"
+    lines.append(f"Experiments: {state['experiments']}; best kept: {best_text}")
     if rows:
         lines.append("Last rows (commit, val_bpb, memory_gb, status, description):")
         for row in rows[-LAST_ROWS:]:

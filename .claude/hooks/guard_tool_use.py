@@ -114,9 +114,14 @@ GIT_HISTORY = {"commit": REASON_COMMIT, "reset": REASON_RESET, "rebase": REASON_
                "merge": REASON_RESET, "cherry-pick": REASON_RESET, "revert": REASON_RESET,
                "clean": REASON_CLEAN, "filter-branch": REASON_RESET, "update-ref": REASON_RESET}
 GIT_NEVER_ADD = ("results.tsv", "run.log", "runs", "notes.md", ".claude/context/memory")
-WHOLE_FILE_READERS = {"cat", "less", "more", "bat", "batcat", "tac", "nl", "view", "vim", "vi", "nano", "emacs", "strings", "zcat", "xxd", "od"}
+WHOLE_FILE_READERS = {
+    "cat", "less", "more", "bat", "batcat", "tac", "nl", "view", "vim", "vi", "nano", "emacs", "strings", "zcat", "xxd", "od",
+}
 SHELLS = {"bash", "sh", "zsh", "dash", "ksh"}
-WRAPPERS = {"sudo", "time", "nice", "nohup", "command", "exec", "builtin", "stdbuf", "ionice", "xargs", "doas", "then", "do", "else", "elif", "if", "while", "until", "!", "{"}
+WRAPPERS = {  # words that run the command after them (shell keywords included: `if git push; then`)
+    "sudo", "time", "nice", "nohup", "command", "exec", "builtin", "stdbuf", "ionice", "xargs", "doas",
+    "then", "do", "else", "elif", "if", "while", "until", "!", "{",
+}
 FILE_MOVERS = {"cp", "mv", "rm", "ln", "truncate", "install", "touch", "chmod", "chown", "rmdir", "unlink", "shred"}
 SECRET_PATTERNS = (
     re.compile(r"(^|/|~)\.ssh(/|$)"), re.compile(r"(^|/|~)\.aws(/|$)"), re.compile(r"(^|/)\.netrc$"),
@@ -376,7 +381,7 @@ def check_git(args, cwd, root):
     if sub == "add":
         for arg in rest:
             relative = relative_to_project(resolve(arg, cwd), root) if not arg.startswith("-") else None
-            if relative and relative.startswith(GIT_NEVER_ADD) or is_log(arg):
+            if (relative and relative.startswith(GIT_NEVER_ADD)) or is_log(arg):
                 raise Blocked(REASON_ADD_LEDGER)
     if sub in ("checkout", "switch"):
         # `git checkout [REF] -- FILES` and `git checkout FILES` only change files (checked like
