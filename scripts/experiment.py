@@ -17,7 +17,7 @@ AUTORESEARCH_TRAIN_COMMAND environment variable replaces it (split like a shell 
 """
 
 import argparse
-import importlib.metadata
+import glob
 import os
 import platform
 import shlex
@@ -148,13 +148,14 @@ def ascii_line(text, limit):
 
 
 def installed_version(*names):
-    """The version of the first installed package among `names`, read from its metadata: cheap,
-    unlike importing torch. None when none is installed."""
+    """The version of the first installed package among `names`, from its dist-info folder name:
+    a directory listing, where importing torch costs seconds and importlib.metadata 50 ms."""
     for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+        pattern = name.replace("-", "_") + "-*.dist-info"
+        for folder in sys.path:
+            found = glob.glob(os.path.join(folder or ".", pattern))
+            if found:
+                return os.path.basename(found[0])[len(name) + 1:-len(".dist-info")]
     return None
 
 
@@ -255,7 +256,7 @@ def main():
         "wall_seconds": round(wall_seconds, 3),
         "profile": manifest.get("profile"), "dataset": manifest.get("dataset"), "manifest": manifest,
         "prepare_sha256": session["prepare_sha256"], "session": session["tag"],
-        "host": os.uname().nodename, "platform": platform.platform(),
+        "host": os.uname().nodename, "platform": " ".join(os.uname()[i] for i in (0, 2, 4)),
         "python": platform.python_version(), "torch": torch, "cuda": cuda_version(torch),
         "run_log": str(run_log.relative_to(common.ROOT)),
     }
