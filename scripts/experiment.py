@@ -166,6 +166,34 @@ def cuda_version(torch):
     return installed_version("nvidia-cuda-runtime", "nvidia-cuda-runtime-cu13", "nvidia-cuda-runtime-cu12")
 
 
+def diagnose(tail, metrics, exit_code, timed_out, interrupted, timeout):
+    """Why the run gave no usable val_bpb, as common.triage describes it."""
+    if interrupted:
+        return {"kind": "interrupted", "detail": "experiment.py was interrupted; training was stopped",
+                "excerpt": []}
+    if metrics:  # a summary block, but val_bpb is NaN or infinite
+        return {"kind": "fast_fail", "detail": f"val_bpb is {metrics['val_bpb']}", "excerpt": []}
+    return common.triage(tail, exit_code, timed_out, timeout)
+
+
+def console_lines(summary):
+    """What the agent sees: one line for a finished run, at most three for a crash, within 300 bytes."""
+    number, commit = summary["id"], summary["commit"][:7]
+    failure = summary["triage"]
+    if failure:
+        lines = [ascii_line(f"{number} {commit} crash ({failure['kind']}): {failure['detail']}", 140)]
+        lines += [ascii_line(line, 75) for line in failure["excerpt"][:1]]
+        return lines + [ascii_line(f"log {summary['run_log']}; next: decide.py discard", 80)]
+    seconds = summary["metrics"].get("training_seconds")
+    seconds = seconds if common.is_finite_number(seconds) else summary["wall_seconds"]
+    best = summary["best_before"]
+    against = f"{summary['delta_vs_best']:+.6f} vs best {best['val_bpb']:.6f}" if best else "baseline"
+    advice = "keep" if summary["verdict"] in ("baseline", "improved", "simpler") else "discard"
+    line = (f"{number} {commit} val_bpb {summary['val_bpb']:.6f} ({against}) mem {summary['memory_gb']:.1f} GB "
+            f"train {seconds:.1f} s: {summary['verdict']} (decide.py {advice})")
+    return [ascii_line(line, CONSOLE_LIMIT_BYTES - 1)]
+
+
 def main():
     parser = argparse.ArgumentParser(description="Commit train.py, train with a hard timeout, "
                                      "record the result and print one line.")
@@ -226,15 +254,7 @@ def main():
     metrics = common.parse_summary(tail) if exit_code == 0 and not timed_out and not interrupted else {}
     val_bpb = metrics.get("val_bpb")
     finished = common.is_finite_number(val_bpb)
-    if finished:
-        failure = None
-    elif interrupted:
-        failure = {"kind": "interrupted", "detail": "experiment.py was interrupted; training was stopped",
-                   "excerpt": []}
-    elif metrics:
-        failure = {"kind": "fast_fail", "detail": f"val_bpb is {val_bpb}", "excerpt": []}
-    else:
-        failure = common.triage(tail, exit_code, timed_out, timeout)
+    failure = None if finished else diagnose(tail, metrics, exit_code, timed_out, interrupted, timeout)
     peak_vram_mb = metrics.get("peak_vram_mb")
     memory_gb = peak_vram_mb / 1024 if finished and common.is_finite_number(peak_vram_mb) else 0.0
     torch = installed_version("torch")
@@ -265,21 +285,8 @@ def main():
                    memory_gb=summary["memory_gb"], triage=failure and failure["kind"])
     common.write_json_atomic(common.PENDING_FILE, pending)
 
-    if finished:
-        seconds = metrics.get("training_seconds")
-        seconds = seconds if common.is_finite_number(seconds) else wall_seconds
-        against = f"{val_bpb - best_val:+.6f} vs best {best_val:.6f}" if best else "baseline"
-        advice = "keep" if judged in ("baseline", "improved", "simpler") else "discard"
-        line = (f"{number} {commit[:7]} val_bpb {val_bpb:.6f} ({against}) mem {memory_gb:.1f} GB "
-                f"train {seconds:.1f} s: {judged} (decide.py {advice})")
-        print(ascii_line(line, CONSOLE_LIMIT_BYTES - 1))
-        return 0
-    lines_out = [ascii_line(f"{number} {commit[:7]} crash ({failure['kind']}): {failure['detail']}", 140)]
-    lines_out += [ascii_line(line, 75) for line in failure["excerpt"][:1]]
-    lines_out.append(ascii_line(f"log {summary['run_log']}; next: decide.py discard", 80))
-    print("\n".join(lines_out))
-    return CRASH_EXIT_CODE
-
+    print("\n".join(console_lines(summary)))
+    return 0 if finished else CRASH_EXIT_CODE
 
 if __name__ == "__main__":
     common.run_main(main)
