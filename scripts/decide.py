@@ -96,10 +96,10 @@ def decide_pending(action, force):
     elif pending.get("status") == "crash":
         status, forced = "crash", False
     elif action == "keep":
-        best = common.best_kept(rows)
+        best, summary_lines = common.best_kept(rows), summary or {}
         allowed = best is None or common.keep_allowed(
             pending["val_bpb"], best.val_bpb, common.noise_band(session),
-            summary["train_py_lines"], summary["parent_train_py_lines"])
+            summary_lines.get("train_py_lines", 0), summary_lines.get("parent_train_py_lines", 0))
         if not allowed and not force:
             raise common.Refusal(
                 f"keep refused: val_bpb {pending['val_bpb']:.6f} is worse than the best kept "
