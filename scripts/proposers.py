@@ -1,0 +1,320 @@
+"""Where the headless loop's proposals come from: the human queue, the random proposer, an agent CLI.
+
+Used by scripts/loop.py; nothing here touches the ledger, the branch or the loop's state.
+
+- The human queue: `next_proposal.json` at the root, then the files of `proposals/` in name order.
+  Each is a JSON object with a `description` and either `instructions` (for the agent) or a
+  `patch` (a unified diff of train.py); `hypothesis` is optional.
+- The random proposer: one setting of train.py's hyperparameter block, perturbed within sane
+  bounds (multiplicative for rates and sizes, additive for fractions), reproducible from a seed.
+  It needs no LLM: the offline default, and an honest baseline for an agent's search.
+- Agent CLIs: `claude -p`, `codex exec`, `opencode run`, or any command template. Each gets one
+  prompt, edits train.py, and ends its answer with a JSON object {"hypothesis", "description"}.
+
+Usage (from loop.py):
+    import proposers
+    proposal = proposers.random_proposal(train_text, profile, max_seq_len, seed, iteration, tried)
+    command = proposers.agent_command("claude", prompt, options)
+"""
+
+import ast
+import difflib
+import hashlib
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import common
+
+# ---------------------------------------------------------------------------
+# The human queue
+
+QUEUE_FILE = common.ROOT / "next_proposal.json"
+QUEUE_DIR = common.ROOT / "proposals"
+
+
+def queued_proposal_files():
+    """Proposal files waiting in the human queue, in the order they will be used."""
+    files = [QUEUE_FILE] if QUEUE_FILE.is_file() else []
+    if QUEUE_DIR.is_dir():
+        files += sorted(path for path in QUEUE_DIR.iterdir() if path.is_file() and path.suffix == ".json")
+    return files
+
+
+def read_queued_proposal(path):
+    """(proposal, None) or (None, why it is unusable) for one queue file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        return None, f"{Path(path).name} is not a JSON object ({error})"
+    if not isinstance(data, dict) or not str(data.get("description") or "").strip():
+        return None, f"{Path(path).name} has no description"
+    instructions, patch = data.get("instructions"), data.get("patch")
+    if bool(instructions) == bool(patch):
+        return None, f"{Path(path).name} needs either instructions (for the agent) or a patch to train.py"
+    return {"source": "queue", "queue_file": str(path), "description": " ".join(str(data["description"]).split()),
+            "hypothesis": str(data.get("hypothesis") or "proposed by the human queue"),
+            "instructions": instructions, "patch": patch}, None
+
+
+# ---------------------------------------------------------------------------
+# train.py's hyperparameter block
+
+ASSIGNMENT = re.compile(r"^(?P<indent>[ \t]*)(?P<name>[A-Z][A-Z0-9_]*)(?P<gap>\s*=\s*)(?P<value>[^#\n]*?)"
+                        r"(?P<comment>\s*#.*)?$")
+PROFILE_BLOCK = re.compile(r"""^if\s+PROFILE\s*==\s*["'](?P<profile>\w+)["']\s*:""")
+
+# name: (how it moves, lowest, highest). Rates and sizes move by a factor; sizes that the code
+# splits into heads or batches stay powers of two; fractions move by a step, since 0 is common.
+SEARCH_SPACE = {
+    "DEPTH": ("integer", 1, 32),
+    "ASPECT_RATIO": ("power_of_two", 16, 512),
+    "HEAD_DIM": ("power_of_two", 16, 256),
+    "TOTAL_BATCH_SIZE": ("power_of_two", 2**10, 2**24),
+    "DEVICE_BATCH_SIZE": ("power_of_two", 1, 1024),
+    "EMBEDDING_LR": ("factor", 1e-4, 10.0),
+    "UNEMBEDDING_LR": ("factor", 1e-5, 1.0),
+    "MATRIX_LR": ("factor", 1e-4, 1.0),
+    "SCALAR_LR": ("factor", 1e-4, 10.0),
+    "WEIGHT_DECAY": ("step", 0.0, 1.0),
+    "WARMUP_RATIO": ("step", 0.0, 0.5),
+    "WARMDOWN_RATIO": ("step", 0.0, 1.0),
+    "FINAL_LR_FRAC": ("step", 0.0, 0.5),
+    "LOGIT_SOFTCAP": ("factor", 5.0, 100.0),
+}
+FACTORS = (0.5, 0.7, 0.8, 1.25, 1.4, 2.0)
+STEPS = (-0.2, -0.1, -0.05, 0.05, 0.1, 0.2)
+DRAWS = 200  # attempts at a fresh, valid perturbation before giving up
+
+
+def literal(text):
+    """The number a hyperparameter line assigns (2**19 and 1e-3 included), or None."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Pow, ast.Mult, ast.Div)):
+            left, right = value(node.left), value(node.right)
+            return left ** right if isinstance(node.op, ast.Pow) else left * right if isinstance(node.op, ast.Mult) \
+                else left / right
+        raise ValueError(ast.dump(node))
+
+    try:
+        return value(tree)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError):
+        return None
+
+
+def active_assignments(text, profile):
+    """{NAME: (line index, number)} for the numeric UPPER_CASE settings in effect under `profile`.
+
+    Top-level assignments, replaced by those inside `if PROFILE == "<profile>":` when present:
+    on the cpu profile train.py overrides the model size and rates there, and perturbing the
+    top-level value would change nothing."""
+    top, override, inside = {}, {}, None
+    for index, line in enumerate(text.splitlines()):
+        header = PROFILE_BLOCK.match(line)
+        if header:
+            inside = header.group("profile")
+            continue
+        if line.strip() and not line[0].isspace():
+            inside = None
+        match = ASSIGNMENT.match(line)
+        number = literal(match.group("value")) if match else None
+        if number is None:
+            continue
+        if not match.group("indent"):
+            top[match.group("name")] = (index, number)
+        elif inside == profile:
+            override[match.group("name")] = (index, number)
+    return {**top, **override}
+
+
+def format_number(number, original_text):
+    """Write `number` the way the original was written: 2**k stays a power, ints stay ints."""
+    if isinstance(number, int):
+        if "**" in original_text and number > 0 and number & (number - 1) == 0:
+            return f"2**{number.bit_length() - 1}"
+        return str(number)
+    text = f"{number:.3g}"
+    return text if any(c in text for c in ".e") else text + ".0"
+
+
+def perturb(name, value, rng):
+    """A new value for one setting, within its bounds, or None when it cannot move that way."""
+    kind, low, high = SEARCH_SPACE[name]
+    if kind == "power_of_two":
+        new = int(value * 2) if rng.random() < 0.5 else int(value // 2)
+    elif kind == "integer":
+        factor = rng.choice(FACTORS)
+        new = int(round(value * factor))
+        if new == value:
+            new = value + (1 if factor > 1 else -1)
+    elif kind == "factor":
+        new = float(f"{value * rng.choice(FACTORS):.3g}")
+    else:
+        new = round(min(high, max(low, value + rng.choice(STEPS))), 4)
+    if not low <= new <= high or new == value:
+        return None
+    return new
+
+
+def consistent(settings, max_seq_len):
+    """The combinations train.py itself refuses or that make no sense."""
+    total, device = settings.get("TOTAL_BATCH_SIZE"), settings.get("DEVICE_BATCH_SIZE")
+    if total and device and max_seq_len and total % (device * max_seq_len):
+        return False  # train.py: TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+    return settings.get("WARMUP_RATIO", 0) + settings.get("WARMDOWN_RATIO", 0) <= 1
+
+
+def random_proposal(train_text, profile, max_seq_len, seed, iteration, tried=()):
+    """One perturbed setting as a proposal {description, hypothesis, patch, key}, or None.
+
+    The draw depends only on (seed, iteration, train.py), so a resumed loop proposes the same
+    thing again; `tried` holds the keys of earlier proposals, which are not repeated."""
+    active = active_assignments(train_text, profile)
+    names = [name for name in SEARCH_SPACE if name in active]
+    if not names:
+        return None
+    rng = random.Random(f"{seed}:{iteration}")
+    settings = {name: number for name, (_, number) in active.items()}
+    lines = train_text.splitlines(keepends=True)
+    for _ in range(DRAWS):
+        name = rng.choice(names)
+        index, value = active[name]
+        new = perturb(name, value, rng)
+        if new is None or not consistent(dict(settings, **{name: new}), max_seq_len):
+            continue
+        match = ASSIGNMENT.match(lines[index].rstrip("\n"))
+        text = format_number(new, match.group("value"))
+        key = f"{hashlib.sha256(train_text.encode()).hexdigest()[:12]}:{name}={text}"
+        if key in tried:
+            continue
+        lines_after = list(lines)
+        ending = "\n" if lines[index].endswith("\n") else ""
+        head = f"{match.group('indent')}{name}{match.group('gap')}{text}"
+        comment = match.group("comment") or ""
+        if comment:  # keep the comment in its column, as the block is aligned
+            column = lines[index].index(comment.lstrip())
+            comment = " " * max(1, column - len(head)) + comment.lstrip()
+        lines_after[index] = head + comment + ending
+        old_text = match.group("value").strip()
+        change = "raise" if new > value else "lower"
+        return {
+            "source": "random", "key": key, "description": f"{name} {old_text} -> {text}",
+            "hypothesis": f"{change} {name} from {old_text} to {text} (random search, seed {seed}, "
+                          f"iteration {iteration}): a neighbour of the best config may train better",
+            "patch": "".join(difflib.unified_diff(lines, lines_after, "a/train.py", "b/train.py")),
+        }
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Agent CLIs
+
+AGENTS = ("random", "claude", "codex", "opencode", "command")
+CLAUDE_LOCAL = common.ROOT / "node_modules" / ".bin" / "claude"  # pinned by package-lock.json
+ANSWER_KEYS = ("hypothesis", "description")
+# Tools a headless claude may use without asking: reading, and editing (the guard hook in
+# .claude/hooks limits edits to train.py and the memory files). No Bash: the loop, not the agent,
+# runs the experiment, and an unattended Bash could start a second one.
+CLAUDE_TOOLS = "Read,Glob,Grep,Edit,Write"
+CLAUDE_INSTALL_TOOLS = "Bash(uv pip install:*),Bash(pip install:*)"
+
+
+def agent_binary(agent, override=None):
+    if override:
+        return override
+    if agent == "claude" and CLAUDE_LOCAL.exists():
+        return str(CLAUDE_LOCAL)
+    return agent
+
+
+def agent_command(agent, prompt, prompt_file, options):
+    """(argv, stdin text or None) for one agent call. `options`: agent_bin, agent_command,
+    max_turns, allow_install, agent_args (extra words appended, e.g. --model ...)."""
+    extra = shlex.split(options.get("agent_args") or "")
+    binary = agent_binary(agent, options.get("agent_bin"))
+    if agent == "claude":
+        tools = CLAUDE_TOOLS + ("," + CLAUDE_INSTALL_TOOLS if options.get("allow_install") else "")
+        return [binary, "-p", prompt, "--output-format", "json", "--max-turns", str(options["max_turns"]),
+                "--allowedTools", tools, *extra], None
+    if agent == "codex":
+        return [binary, "exec", "--full-auto", "--skip-git-repo-check", *extra, prompt], None
+    if agent == "opencode":
+        return [binary, "run", *extra, prompt], None
+    if agent == "command":
+        words = shlex.split(options["agent_command"])
+        uses_prompt = any("{prompt}" in word or "{prompt_file}" in word for word in words)
+        argv = [word.replace("{prompt_file}", str(prompt_file)).replace("{prompt}", prompt) for word in words]
+        return argv + extra, None if uses_prompt else prompt
+    raise ValueError(f"not an agent CLI: {agent}")
+
+
+def json_objects(text):
+    """Every top-level JSON object embedded in `text`, in order."""
+    decoder, found, index = json.JSONDecoder(), [], text.find("{")
+    while index != -1:
+        try:
+            value, end = decoder.raw_decode(text, index)
+        except ValueError:
+            index = text.find("{", index + 1)
+            continue
+        if isinstance(value, dict):
+            found.append(value)
+        index = text.find("{", end)
+    return found
+
+
+def parse_agent_output(agent, stdout):
+    """(answer, meta, error): the agent's {"hypothesis", "description", ...} answer, what its CLI
+    reported about the call (cost, turns, errors), and a one-line error when there is no answer."""
+    meta, text = {}, stdout
+    if agent == "claude":
+        envelope = next((obj for obj in reversed(json_objects(stdout)) if obj.get("type") == "result"), None)
+        if envelope is None:
+            return None, meta, "claude printed no JSON result (expected --output-format json): " + snippet(stdout)
+        meta = {"cost_usd": envelope.get("total_cost_usd"), "turns": envelope.get("num_turns"),
+                "is_error": envelope.get("is_error"), "subtype": envelope.get("subtype"),
+                "duration_ms": envelope.get("duration_ms"), "session_id": envelope.get("session_id")}
+        if envelope.get("is_error") or envelope.get("subtype") != "success":
+            return None, meta, f"claude ended with {envelope.get('subtype')}: {snippet(envelope.get('result'))}"
+        text = str(envelope.get("result") or "")
+    answers = [obj for obj in json_objects(text) if all(isinstance(obj.get(key), str) for key in ANSWER_KEYS)]
+    if not answers or not " ".join(answers[-1]["description"].split()):
+        return None, meta, ('the answer has no JSON object {"hypothesis": "...", "description": "..."}: '
+                            + snippet(text))
+    answer = answers[-1]
+    answer["description"] = " ".join(answer["description"].split())
+    return answer, meta, None
+
+
+def snippet(text, limit=160):
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def installed_packages():
+    """The distributions installed in this environment (dist-info folder names): compared before
+    and after an agent call, it shows whether the agent installed anything."""
+    found = set()
+    for folder in {Path(p) for p in sys.path if p.endswith("site-packages")}:
+        if folder.is_dir():
+            found.update(path.name for path in folder.glob("*.dist-info"))
+    return sorted(found)
+
+
+def which(binary):
+    return binary if os.path.sep in binary and os.access(binary, os.X_OK) else shutil.which(binary)
+
