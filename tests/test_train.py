@@ -95,9 +95,9 @@ def test_muon_reduces_a_matrix_loss_and_decays_only_where_signs_agree(train):
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(32, 16))
     target = torch.randn(32, 16)
-    optimizer = train.MuonAdamW([dict(kind="muon", params=[weight], lr=0.02, momentum=0.9, beta2=0.95, weight_decay=0.0)])
+    optimizer = train.MuonAdamW([dict(kind="muon", params=[weight], lr=0.1, momentum=0.9, beta2=0.95, weight_decay=0.0)])
     losses = []
-    for _ in range(50):
+    for _ in range(100):
         weight.grad = None
         loss = ((weight - target) ** 2).mean()
         loss.backward()
