@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# A two-node Ray cluster on 127.0.0.1 with fake GPUs, for the scale-out tests and benchmark.
+#
+# Why: the ray backend of scripts/dispatch.py is tested through the real Jobs API (the head's
+# dashboard serves it), not a mock. A head and a second node run on this machine, each declaring
+# NGPUS GPUs (`--num-gpus`), so a job submitted with entrypoint_num_gpus=1 gets its own GPU id in
+# CUDA_VISIBLE_DEVICES as on a real cluster. Lean on a shared 2-core box: one CPU per node, small
+# object store. Everything Ray writes goes under RAY_LOCAL_ROOT (HOME and --temp-dir), and `down`
+# stops exactly the processes started from that folder.
+#
+# Usage:
+#     bash scripts/cluster/ray_local.sh up      # start head and worker node, wait for both
+#     export RAY_ADDRESS=http://127.0.0.1:8265
+#     bash scripts/cluster/ray_local.sh down
+# Environment: RAY_LOCAL_ROOT (default /tmp/autoresearch-ray), NGPUS per node (2),
+# RAY_LOCAL_PORT (GCS, 6390), RAY_LOCAL_DASHBOARD_PORT (Jobs API, 8265), RAY (the ray CLI, default
+# .venv/bin/ray of this repository when it exists, else ray on PATH).
+set -euo pipefail
+ROOT=${RAY_LOCAL_ROOT:-/tmp/autoresearch-ray}
+NGPUS=${NGPUS:-2}
+PORT=${RAY_LOCAL_PORT:-6390}
+DASHBOARD_PORT=${RAY_LOCAL_DASHBOARD_PORT:-8265}
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+RAY=${RAY:-$([ -x "$REPO/.venv/bin/ray" ] && echo "$REPO/.venv/bin/ray" || echo ray)}
+# Ray's own temp dir must stay short: it names Unix sockets after it (107-byte limit).
+TEMP=$ROOT/t
+
+ray_pids() {  # every process started from our temp dir: raylets, GCS, dashboard, workers
+    local pid
+    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$TEMP" && echo "$pid"
+    done
+    cat "$ROOT"/*.pid 2>/dev/null || true
+}
+
+up() {
+    mkdir -p "$ROOT/home" "$TEMP"
+    export HOME=$ROOT/home RAY_USAGE_STATS_ENABLED=0 PATH=$(dirname "$RAY"):$PATH
+    local common=(--node-ip-address 127.0.0.1 --num-cpus 1 --num-gpus "$NGPUS"
+                  --object-store-memory 100000000 --disable-usage-stats)
+    # --block keeps one supervisor per node in the foreground of its own process group.
+    setsid "$RAY" start --head --block --port "$PORT" --temp-dir "$TEMP" --include-dashboard true \
+        --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" "${common[@]}" \
+        >"$ROOT/head.log" 2>&1 &
+    echo $! >"$ROOT/head.pid"
+    for _ in $(seq 240); do
+        curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" >/dev/null 2>&1 && break
+        sleep 0.5
+    done
+    curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" >/dev/null || { tail -20 "$ROOT/head.log" >&2; exit 1; }
+    # A second node on the same machine needs its own dashboard agent port, else its job logs fail.
+    setsid "$RAY" start --block --address "127.0.0.1:$PORT" --dashboard-agent-listen-port 52366 \
+        "${common[@]}" >"$ROOT/worker.log" 2>&1 &
+    echo $! >"$ROOT/worker.pid"
+    local gpus=0
+    for _ in $(seq 240); do
+        gpus=$(curl -sf "http://127.0.0.1:$DASHBOARD_PORT/nodes?view=summary" 2>/dev/null |
+               python3 -c 'import json,sys; n=json.load(sys.stdin)["data"]["summary"]; print(sum(1 for x in n if x["raylet"]["state"]=="ALIVE"))' 2>/dev/null || echo 0)
+        [ "$gpus" = 2 ] && break
+        sleep 0.5
+    done
+    [ "$gpus" = 2 ] || { tail -20 "$ROOT/worker.log" >&2; echo "ray_local: second node did not join" >&2; exit 1; }
+    echo "ray up: 2 nodes x $NGPUS fake GPUs; export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT"
+}
+
+down() {
+    local pids
+    pids=$(ray_pids | sort -u)
+    [ -n "$pids" ] && kill $pids 2>/dev/null || true
+    for _ in $(seq 50); do
+        [ -z "$(ray_pids | sort -u | while read -r p; do kill -0 "$p" 2>/dev/null && echo "$p"; done)" ] && break
+        sleep 0.2
+    done
+    pids=$(ray_pids | sort -u)
+    [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
+    rm -f "$ROOT"/*.pid
+    echo "ray down"
+}
+
+case "${1:-}" in
+    up) up ;;
+    down) down ;;
+    *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac
