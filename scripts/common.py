@@ -18,6 +18,8 @@ import json
 import math
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +42,7 @@ RUNS_DIR = ROOT / "runs"  # runs/<NNNN>-<commit7>/{run.log,summary.json}
 SESSION_FILE = RUNS_DIR / "session.json"
 PENDING_FILE = RUNS_DIR / "pending.json"
 ARCHIVE_DIR = RUNS_DIR / "archive"  # earlier sessions, moved aside by setup
+HELDOUT_FILE = RUNS_DIR / "heldout.json"  # test-split scores of each new best: for the human, never printed to the agent
 NOTES_FILE = ROOT / "notes.md"
 MEMORY_DIR = ROOT / ".claude" / "context" / "memory"
 TEMPLATES_DIR = ROOT / "skills" / "ml-experiment-loop" / "templates"
@@ -165,7 +168,10 @@ def read_tail(path, max_bytes=1 << 20):
 
 LEDGER_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
 LEDGER_HEADER = "\t".join(LEDGER_COLUMNS) + "\n"
-STATUSES = ("keep", "discard", "crash", "backtrack")
+# invalid: the referee caught the result (a model that looks ahead, or a number the saved model does
+# not reproduce); like a crash it carries 0.000000 and 0.0, because no trusted number exists.
+STATUSES = ("keep", "discard", "crash", "backtrack", "invalid")
+NO_RESULT_STATUSES = ("crash", "invalid")
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{7,40}$")
 
 
@@ -276,30 +282,88 @@ def best_ever(rows):
 
 # ---------------------------------------------------------------------------
 # Deciding: one rule, used by experiment.py (the verdict it prints) and decide.py (keep or refuse)
+#
+# Upstream keeps any lower val_bpb. With a run-to-run spread (noise) of s, a change that does
+# nothing then "wins" about half the time, and a night of 100 such changes keeps about four
+# (benchmarks/noise_simulation.py). Here one run must beat the best by KEEP_MARGIN_NOISE x s; a
+# smaller win is "marginal" and is re-run once under a new seed, and the mean of the two runs
+# must beat the best by KEEP_MARGIN_NOISE x s / sqrt(2) (the mean of n runs has 1/sqrt(n) of the
+# noise, so the evidence asked for is the same). That keeps fewer than 1 in 100 do-nothing
+# changes, and about 6 in 10 real ones worth 2 s, 8 in 10 worth 3 s.
 
 DEFAULT_NOISE_BPB = 0.001  # run-to-run spread of val_bpb assumed when the session has not measured it
+MIN_NOISE_BPB = 1e-4  # floor: a spread measured as ~0 (deterministic fakes, identical seeds) would make every win "clear"
+KEEP_MARGIN_NOISE = 3.0  # a single run must beat the best by this many noise units to be kept unconfirmed
+KEEP_VERDICTS = ("baseline", "improved", "confirmed", "simpler")
+NEVER_KEEP_VERDICTS = ("rerun", "cosmetic")  # no change to what is trained: a lower number is luck
 
 
 def noise_band(session):
     """The session's measured noise (`noise_bpb` in session.json) when recorded, else the default."""
     noise = (session or {}).get("noise_bpb")
-    return float(noise) if noise is not None else DEFAULT_NOISE_BPB
+    return max(float(noise) if noise is not None else DEFAULT_NOISE_BPB, MIN_NOISE_BPB)
 
 
-def verdict(val_bpb, best_val_bpb, noise, lines, parent_lines):
-    """'baseline', 'improved', 'simpler' (within noise and train.py got shorter) or 'not improved'."""
+def pooled_noise(samples):
+    """The standard deviation of val_bpb across seeds, from (commit, val_bpb) pairs: each commit's
+    runs vary around their own mean, pooled over commits. None without two runs of one commit."""
+    groups = {}
+    for commit, value in samples:
+        groups.setdefault(commit, []).append(value)
+    squares = sum(sum((value - sum(values) / len(values)) ** 2 for value in values) for values in groups.values())
+    freedom = sum(len(values) - 1 for values in groups.values())
+    return math.sqrt(squares / freedom) if freedom else None
+
+
+def keep_margin(runs):
+    """Noise units by which the mean of `runs` runs must beat the best to be kept."""
+    return KEEP_MARGIN_NOISE / math.sqrt(max(runs, 1))
+
+
+# A diff line that only seeds, prints, logs or comments cannot make a model better.
+COSMETIC_LINE = re.compile(r"seed|^\s*(print\(|log(ging|ger)?\.|sys\.(stdout|stderr)\.|wandb\.log)", re.IGNORECASE)
+
+
+def classify_change(diff):
+    """'none' (empty diff: a re-run), 'cosmetic' (every changed line is blank, a comment, or touches
+    seeds, printing or logging) or 'code'."""
+    changed = [line[1:] for line in diff.splitlines()
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    if not changed:
+        return "none"
+    meaningful = [line for line in changed if line.split("#", 1)[0].strip()]
+    return "cosmetic" if all(COSMETIC_LINE.search(line) for line in meaningful) else "code"
+
+
+def verdict(val_bpb, best_val_bpb, noise, lines, parent_lines, runs=1, change="code"):
+    """The verdict on val_bpb (the mean of `runs` runs) against the best kept:
+
+    baseline (nothing kept yet), rerun / cosmetic (the diff changes nothing that trains: never kept),
+    improved (one run beats the best by KEEP_MARGIN_NOISE noise units), confirmed (the mean of
+    several runs beats it by keep_margin(runs)), simpler (within the noise and train.py got shorter),
+    marginal (one run beats the best by less: confirm it under a new seed), not confirmed, not improved."""
     if best_val_bpb is None:
         return "baseline"
-    if val_bpb < best_val_bpb:
-        return "improved"
-    if val_bpb - best_val_bpb <= noise and lines < parent_lines:
+    if change == "none":
+        return "rerun"
+    if change == "cosmetic":
+        return "cosmetic"
+    delta = val_bpb - best_val_bpb
+    if delta <= -keep_margin(runs) * noise:
+        return "improved" if runs == 1 else "confirmed"
+    if delta <= noise and lines < parent_lines:
         return "simpler"
+    if delta < 0:
+        return "marginal" if runs == 1 else "not confirmed"
     return "not improved"
 
 
-def keep_allowed(val_bpb, best_val_bpb, noise, lines, parent_lines):
-    return (best_val_bpb is None or val_bpb <= best_val_bpb
-            or verdict(val_bpb, best_val_bpb, noise, lines, parent_lines) == "simpler")
+def keep_allowed(val_bpb, best_val_bpb, noise, lines, parent_lines, runs=1, change="code"):
+    return verdict(val_bpb, best_val_bpb, noise, lines, parent_lines, runs, change) in KEEP_VERDICTS
+
+
+def noise_units(delta, noise):
+    return delta / noise if noise else float("inf")
 
 
 # ---------------------------------------------------------------------------
@@ -448,6 +512,312 @@ def pid_alive(pid):
 
 
 # ---------------------------------------------------------------------------
+# Running a process for a run: its own process group, output to a file, a hard timeout
+
+
+class Interrupted(BaseException):
+    """The helper itself got SIGTERM or SIGHUP (a tool timeout, a closed terminal)."""
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+def run_logged(command, log_path, env, timeout, on_start=lambda pid: None):
+    """Run `command` at the root with all output in log_path, in its own process group that is
+    killed whole on timeout or interruption; on_start(pid) is called once it runs.
+    Returns (exit code, timed out, interrupted, seconds); exit code 127 when it cannot start."""
+    started = time.monotonic()
+    timed_out = interrupted = False
+    previous = {number: signal.signal(number, _raise_interrupted) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            on_start(process.pid)
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        except (Interrupted, KeyboardInterrupt):
+            interrupted = True
+        finally:
+            # Always, even after a clean exit: a dataloader worker or a stray child must not outlive the run.
+            if process_group_alive(process.pid):
+                stop_process_group(process.pid, reap=process.poll)
+            process.wait()
+    except OSError as error:  # the command does not exist or cannot be executed
+        Path(log_path).write_text(f"could not start {command}: {error}\n")
+        return 127, False, False, time.monotonic() - started
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    return process.returncode, timed_out, interrupted, time.monotonic() - started
+
+
+# ---------------------------------------------------------------------------
+# The sandbox: training runs AI-written code unattended, so where Linux lets an unprivileged user
+# make user, network and mount namespaces (`unshare`), it runs with no network and with the
+# repository (and the prepared data) read-only, except for its own run folder. HOME and /tmp stay
+# writable (torch and triton caches). Costs about 10 ms per run.
+
+# Inside the new namespaces: make the run folder a mount of its own, bind the repository
+# recursively (so it carries the run folder along) and make only its top read-only; then the same
+# for the prepared data, if it lies elsewhere; then exec the command (same pid, same process group).
+SANDBOX_SCRIPT = ('mount --bind "$1" "$1" && mount --rbind "$2" "$2" && mount -o remount,bind,ro "$2" && '
+                  '{ [ -z "$3" ] || { mount --bind "$3" "$3" && mount -o remount,bind,ro "$3"; }; } && '
+                  'shift 3 && exec "$@"')
+
+
+def sandboxed(command, writable_dir):
+    """`command` wrapped to run in the sandbox, writing only to writable_dir (inside the repository)."""
+    data = cache_dir() / "prepared"
+    data = data.resolve() if data.is_dir() else None
+    extra = str(data) if data and ROOT not in data.parents and data != ROOT else ""
+    return ["unshare", "--user", "--map-root-user", "--net", "--mount", "--", "/bin/sh", "-c", SANDBOX_SCRIPT,
+            "sandbox", str(Path(writable_dir).resolve()), str(ROOT), extra, *command]
+
+
+def sandbox_problem():
+    """None when the sandbox works here, else why not (one line)."""
+    if sys.platform != "linux":
+        return f"namespaces are Linux-only (this is {sys.platform})"
+    if not shutil.which("unshare") or not shutil.which("mount"):
+        return "the unshare and mount commands (util-linux) are not installed"
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        result = subprocess.run(sandboxed(["true"], RUNS_DIR), cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unshare failed: {error}"
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        return f"unshare failed: {lines[-1] if lines else f'exit code {result.returncode}'}"
+    return None
+
+
+def sandbox_state(session):
+    """'on', 'off' (the researcher turned it off at setup) or 'unavailable: why'. setup.py records
+    which in session.json and says it once; a session recorded as 'on' is probed again per run."""
+    recorded = (session or {}).get("sandbox")
+    if recorded == "off":
+        return "off"
+    if recorded == "unavailable":
+        return f"unavailable: {session.get('sandbox_problem')}"
+    problem = sandbox_problem()
+    return f"unavailable: {problem}" if problem else "on"
+
+
+# ---------------------------------------------------------------------------
+# Pins: prepare.py, the helpers and the prepared evaluation data, hashed at setup
+
+PINNED_DATA_FILES = ("val_rows.npy", "test_rows.npy", "token_bytes.npy", "tokenizer.json")  # what scoring reads
+
+
+def data_hashes():
+    """sha256 of the prepared files the evaluation reads (those that exist)."""
+    folder = cache_dir() / "prepared"
+    return {name: sha256_file(folder / name) for name in PINNED_DATA_FILES if (folder / name).exists()}
+
+
+def pin_problem(session, data=False):
+    """Why prepare.py, a helper or (with data=True) the prepared evaluation data no longer match the
+    session's pins, as one line naming the way back; None when everything matches."""
+    start = session.get("start_commit", "HEAD")[:7]
+    if not PREPARE_FILE.exists() or sha256_file(PREPARE_FILE) != session["prepare_sha256"]:
+        return ("prepare.py no longer matches the hash pinned at setup: the protocol is fixed; "
+                f"restore it (git checkout {start} -- prepare.py)")
+    for name, digest in sorted(session.get("helper_sha256", {}).items()):
+        path = SCRIPTS_DIR / name
+        if not path.exists() or sha256_file(path) != digest:
+            return (f"scripts/{name} no longer matches the hash pinned at setup: restore it "
+                    f"(git checkout {start} -- scripts/{name})")
+    if data:
+        now = data_hashes()
+        for name, digest in sorted(session.get("data_sha256", {}).items()):
+            if now.get(name) != digest:
+                return (f"the prepared data's {name} no longer matches the hash pinned at setup: the evaluation "
+                        f"data changed; prepare it again ({PREPARE_COMMAND}) and start a new session")
+    return None
+
+
+def check_pins(session, data=False):
+    problem = pin_problem(session, data)
+    if problem:
+        raise Refusal(problem)
+
+
+# ---------------------------------------------------------------------------
+# The referee: prepare.py re-scores the model train.py saved, in a fresh process that never
+# imports train.py, so a train.py that monkeypatches its own evaluation gains nothing.
+
+MODEL_FILE = "model.pt2"  # in each run folder; train.py writes it when AUTORESEARCH_EXPORT is set
+# On CPU (float32) the two numbers agree to about 1e-6; on CUDA both use bf16 autocast but may
+# pick different kernels. A result is judged on the referee's number anyway, so a tamper smaller
+# than this gains nothing; a larger disagreement is evidence of one.
+REFEREE_TOLERANCE_BPB = 5e-4
+INVALID_PREFIX = "invalid:"  # prepare.py's line when the causality probe fails (exit code 4)
+INVALID_EXIT_CODE = 4
+
+
+def invalid_line(log_tail):
+    """prepare.py's `invalid: ...` line in a log, or None."""
+    lines = [line.strip() for line in log_tail.splitlines() if line.startswith(INVALID_PREFIX)]
+    return lines[-1] if lines else None
+
+
+def score_saved_model(run_dir, split, session, timeout, label=None):
+    """Score run_dir/model.pt2 on `split` with the pinned prepare.py in a fresh (sandboxed) process.
+
+    Returns {"status": "scored" | "invalid" | "failed", "bpb", "detail", "seconds", "log"}:
+    invalid when the saved model fails the causality probe or the protocol or data changed,
+    failed when there is nothing to score or prepare.py could not score it."""
+    run_dir = Path(run_dir)
+    model = run_dir / MODEL_FILE
+    log = run_dir / f"referee-{label or split}.log"
+    result = {"status": "failed", "bpb": None, "detail": None, "seconds": 0.0,
+              "log": str(log.relative_to(ROOT)) if ROOT in log.parents else str(log)}
+    problem = pin_problem(session, data=True)
+    if problem:
+        return dict(result, status="invalid", detail=problem)
+    if not model.exists():
+        return dict(result, detail=f"no {MODEL_FILE} in the run folder")
+    command = [sys.executable, str(PREPARE_FILE), "score", str(model), "--split", split]
+    if sandbox_state(session) == "on":
+        command = sandboxed(command, run_dir)
+    env = {key: value for key, value in os.environ.items() if key != "AUTORESEARCH_EXPORT"}
+    env.update(PYTHONUNBUFFERED="1", AUTORESEARCH_PROFILE=str(session.get("profile") or ""),
+               AUTORESEARCH_DATASET=str(session.get("dataset") or ""))
+    exit_code, timed_out, _interrupted, seconds = run_logged(command, log, env, timeout)
+    tail = read_tail(log, 1 << 16)
+    result["seconds"] = round(seconds, 3)
+    if exit_code == INVALID_EXIT_CODE and invalid_line(tail):
+        return dict(result, status="invalid", detail=invalid_line(tail))
+    match = re.search(rf"^{split}_bpb:\s*(\S+)\s*$", tail, re.MULTILINE)
+    if exit_code != 0 or timed_out or not match:
+        why = triage(tail, exit_code, timed_out, timeout)["detail"]
+        return dict(result, detail=f"prepare.py score failed: {why}")
+    bpb = _number(match.group(1))
+    if not is_finite_number(bpb):
+        return dict(result, detail=f"prepare.py score printed {match.group(1)!r}")
+    return dict(result, status="scored", bpb=bpb)
+
+
+def referee_verdict(claimed, scored):
+    """Compare train.py's number with the referee's score of the same run: the referee entry of a
+    sample, with status verified, invalid or unverified."""
+    if scored["status"] == "invalid":
+        return {**scored, "status": "invalid", "claimed": claimed}
+    if scored["status"] != "scored":
+        return {**scored, "status": "unverified", "claimed": claimed}
+    if abs(scored["bpb"] - claimed) > REFEREE_TOLERANCE_BPB:
+        return {**scored, "status": "invalid", "claimed": claimed,
+                "detail": f"train.py printed val_bpb {claimed:.6f}, but the referee scored its saved model "
+                          f"{scored['bpb']:.6f}"}
+    return {**scored, "status": "verified", "claimed": claimed}
+
+
+def delete_saved_models(run_dirs):
+    """Free the disk (about 200 MB per model on the H100 profile) of runs that were not kept."""
+    for run_dir in run_dirs:
+        (ROOT / run_dir / MODEL_FILE).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------
+# One training run: an experiment, its confirmation, or a noise run
+
+
+def train_run(run_dir, command, seed, timeout, session, export=True, on_start=lambda pid: None):
+    """Train once with output in run_dir/run.log (and the model in run_dir/model.pt2 when `export`),
+    in the sandbox when the session allows it. Returns {status: ok | crash | invalid, val_bpb (as
+    train.py printed it), metrics, failure (triage, or None), exit_code, timed_out, interrupted,
+    wall_seconds, sandbox}."""
+    run_dir = Path(run_dir)
+    run_log = run_dir / "run.log"
+    env = {key: value for key, value in os.environ.items() if key != "AUTORESEARCH_EXPORT"}
+    env.update(AUTORESEARCH_SEED=str(seed), PYTHONUNBUFFERED="1")
+    if export:
+        env["AUTORESEARCH_EXPORT"] = str(run_dir / MODEL_FILE)
+    sandbox = sandbox_state(session)
+    wrapped = sandboxed(command, run_dir) if sandbox == "on" else command
+    exit_code, timed_out, interrupted, seconds = run_logged(wrapped, run_log, env, timeout, on_start)
+    tail = read_tail(run_log)
+    metrics = parse_summary(tail) if exit_code == 0 and not timed_out and not interrupted else {}
+    val_bpb = metrics.get("val_bpb")
+    status, failure = "ok", None
+    tampered = pin_problem(session, data=True)  # without the sandbox, training could have rewritten the referee
+    if interrupted:
+        status, failure = "crash", {"kind": "interrupted", "detail": "the helper was interrupted; training was stopped",
+                                    "excerpt": []}
+    elif tampered:
+        status, failure = "invalid", {"kind": "tampering", "detail": f"after training, {tampered}", "excerpt": []}
+    elif exit_code == INVALID_EXIT_CODE and invalid_line(tail):
+        status, failure = "invalid", {"kind": "causality", "detail": invalid_line(tail), "excerpt": []}
+    elif not is_finite_number(val_bpb):
+        status = "crash"
+        failure = ({"kind": "fast_fail", "detail": f"val_bpb is {val_bpb}", "excerpt": []} if metrics
+                   else triage(tail, exit_code, timed_out, timeout))
+    return {"status": status, "val_bpb": val_bpb if status == "ok" else None, "metrics": metrics,
+            "failure": failure, "exit_code": exit_code, "timed_out": timed_out, "interrupted": interrupted,
+            "wall_seconds": round(seconds, 3), "sandbox": sandbox, "run_log": str(run_log.relative_to(ROOT))}
+
+
+def new_run_dir(commit):
+    """runs/<NNNN>-<commit7>/, created; every run (experiment, confirmation, noise) gets its own."""
+    run_dir = RUNS_DIR / f"{next_run_number():04d}-{commit[:7]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def default_timeout(manifest):
+    """Twice the prepared time budget plus a margin for start-up, compilation and evaluation."""
+    budget = manifest.get("time_budget")
+    if not is_finite_number(budget):
+        raise Refusal(f"{manifest_path()} has no time_budget: pass --timeout SECONDS")
+    return 2 * budget + TIMEOUT_MARGIN_SECONDS
+
+
+TIMEOUT_MARGIN_SECONDS = 120
+
+
+def training_command(option=None):
+    """--train-command, else $AUTORESEARCH_TRAIN_COMMAND, else this Python running train.py."""
+    text = option or os.environ.get("AUTORESEARCH_TRAIN_COMMAND")
+    return shlex.split(text) if text else [sys.executable, "train.py"]
+
+
+# ---------------------------------------------------------------------------
+# Measuring the noise: the same commit re-run under other seeds
+
+
+def record_noise_sample(session, run, commit, seed, val_bpb):
+    """Add one run to the session's noise samples (a seed already sampled for that commit adds
+    nothing: same seed, same number) and recompute noise_bpb. Returns True when it was added."""
+    samples = session.setdefault("noise_runs", [])
+    if any(sample["commit"] == commit and sample["seed"] == seed for sample in samples):
+        return False
+    samples.append({"run": run, "commit": commit, "seed": seed, "val_bpb": val_bpb})
+    session["noise_bpb"] = pooled_noise([(sample["commit"], sample["val_bpb"]) for sample in samples])
+    session["noise_measured_at"] = now_iso()
+    return True
+
+
+def noise_summary(session):
+    """'0.001234 (measured: 3 runs of 1 commit)' or '0.001 (default: not measured)'."""
+    samples = session.get("noise_runs") or []
+    if session.get("noise_bpb") is None:
+        return f"{noise_band(session):g} (default: not measured)"
+    commits = len({sample["commit"] for sample in samples})
+    return f"{session['noise_bpb']:.6f} (measured: {len(samples)} runs of {commits} commit{'s' * (commits > 1)})"
+
+
+def next_seed(used, start):
+    seed = start
+    while seed in used:
+        seed += 1
+    return seed
+
+
+# ---------------------------------------------------------------------------
 # Git (subprocess; every helper runs at the repository root)
 
 
@@ -533,14 +903,19 @@ def process_marker():
     return {"pid": os.getpid(), "host": os.uname().nodename, "boot_id": boot_id()}
 
 
+def _marker_alive(marker):
+    """Whether the process a marker (process_marker()) names still runs, on this machine since this boot."""
+    same_machine = marker.get("host") == os.uname().nodename and marker.get("boot_id") == boot_id()
+    return bool(same_machine and marker.get("pid") and pid_alive(marker["pid"]))
+
+
 def pending_state(pending):
-    """'running', 'interrupted' (its experiment.py died before finishing) or 'finished'."""
+    """'running', 'interrupted' (its experiment.py died before finishing) or 'finished'.
+    A finished experiment whose confirmation run is under way is 'running' too."""
     if pending.get("state") == "finished":
-        return "finished"
-    same_machine = pending.get("host") == os.uname().nodename and pending.get("boot_id") == boot_id()
-    if same_machine and pending.get("pid") and pid_alive(pending["pid"]):
-        return "running"
-    return "interrupted"
+        confirmation = pending.get("confirmation") or {}
+        return "running" if confirmation.get("state") == "running" and _marker_alive(confirmation) else "finished"
+    return "running" if _marker_alive(pending) else "interrupted"
 
 
 def pending_message(pending):
@@ -548,11 +923,22 @@ def pending_message(pending):
     number = pending["id"]
     state = pending_state(pending)
     if state == "running":
+        confirmation = pending.get("confirmation") or {}
+        if confirmation.get("state") == "running":
+            return f"experiment {number}'s confirmation run is still running (pid {confirmation['pid']}): wait for it"
         return f"experiment {number} is still running (pid {pending['pid']}): wait for it"
     if state == "interrupted":
         return (f"experiment {number} was interrupted before it finished: "
                 "run uv run scripts/decide.py discard (it is recorded as a crash)")
+    if pending.get("next") == CONFIRM_COMMAND:
+        return (f"experiment {number} is a marginal win: confirm it under a new seed with {CONFIRM_COMMAND}, "
+                "or run uv run scripts/decide.py discard")
     return f"experiment {number} is pending a decision: run uv run scripts/decide.py keep|discard"
+
+
+CONFIRM_COMMAND = "uv run scripts/experiment.py --confirm"
+KEEP_COMMAND = "uv run scripts/decide.py keep"
+DISCARD_COMMAND = "uv run scripts/decide.py discard"
 
 
 def next_run_number():

@@ -1,10 +1,18 @@
 """Close the pending experiment (keep or discard), or rewind to an earlier kept commit (backtrack).
 
-keep      appends a `keep` row and leaves the branch where it is. Refused (exit 2) when val_bpb is
-          worse than the best kept, unless it is a simplification win: within the noise band and
-          train.py got shorter. --force overrides, and the row says so.
+keep      appends a `keep` row and leaves the branch where it is. Refused (exit 2, one line) unless
+          the experiment beat the best by the noise margin (common.KEEP_MARGIN_NOISE noise units
+          on one run, or on the mean of its runs after `experiment.py --confirm`), or is a
+          simplification within the noise (train.py got shorter), and the referee verified its
+          number. A marginal win is refused with the command that confirms it. --force overrides
+          these (the row says so), but never for a diff that only touches seeds, printing, logging
+          or comments, or changes nothing: those are never a keep. The row carries the judged
+          val_bpb: the mean of the runs, on the referee's numbers. A keep that makes a new best
+          scores the held-out test split too (runs/heldout.json; nothing is printed).
 discard   appends a `discard` row and resets the branch to the last kept commit.
-          A crashed run is recorded as `crash` whatever was asked, and reset the same way.
+          A crashed run is recorded as `crash`, and a result the referee caught as `invalid`,
+          whatever was asked, and reset the same way. The saved models (model.pt2) of runs that
+          were not kept are deleted: about 200 MB each on the H100 profile.
 backtrack rewinds the branch to an earlier kept commit (default: the best) and appends a
           `backtrack` row; later experiments compare against the best kept up to that commit.
 
@@ -69,6 +77,42 @@ def close_interrupted(pending):
     return commit
 
 
+def keep_refusal(summary, pending, rows, session):
+    """Why `keep` is refused, as (message, whether --force may override it), or None when it is allowed.
+    The rule is recomputed here from summary.json (which only the helpers write), not taken from
+    the verdict experiment.py printed."""
+    number, best = pending["id"], common.best_kept(rows)
+    summary = summary or {"val_bpb": pending["val_bpb"], "runs": 1, "change": "code", "referee": None,
+                          "train_py_lines": 0, "parent_train_py_lines": 0}
+    noise = common.noise_band(session)
+    judged = common.verdict(summary["val_bpb"], best.val_bpb if best else None, noise,
+                            summary.get("train_py_lines", 0), summary.get("parent_train_py_lines", 0),
+                            runs=summary.get("runs") or 1, change=summary.get("change", "code"))
+    if judged in common.NEVER_KEEP_VERDICTS:
+        what = "changes nothing in train.py" if judged == "rerun" else "only touches seeds, printing, logging or comments"
+        return (f"keep refused: experiment {number} {what}, so a lower val_bpb is luck and never a keep: "
+                f"{common.DISCARD_COMMAND}", False)
+    delta = summary["val_bpb"] - best.val_bpb if best else 0.0
+    units = common.noise_units(delta, noise)
+    if judged == "marginal":
+        return (f"keep refused: experiment {number} beat the best by {-units:.1f} noise units ({noise:.6f} each) on "
+                f"one run, under the {common.KEEP_MARGIN_NOISE:g} needed: confirm it under a new seed with "
+                f"{common.CONFIRM_COMMAND}, or discard it", True)
+    if judged == "not confirmed":
+        return (f"keep refused: experiment {number}'s mean of {summary['runs']} runs beat the best by {-units:.1f} "
+                f"noise units, under the {common.keep_margin(summary['runs']):.2f} needed: {common.DISCARD_COMMAND}", True)
+    if judged not in common.KEEP_VERDICTS:
+        return (f"keep refused: val_bpb {summary['val_bpb']:.6f} is worse than the best kept "
+                f"{best.val_bpb:.6f} ({best.commit}) by {delta:.6f}, and not a simplification within the noise "
+                f"band {noise:g}: discard it, or --force", True)
+    if session.get("referee") != "off" and summary.get("referee") != "verified":
+        samples = [s for s in summary.get("samples") or [] if (s.get("referee") or {}).get("detail")]
+        detail = samples[0]["referee"]["detail"] if samples else "no referee result recorded"
+        return (f"keep refused: experiment {number} is unverified ({detail}): the referee could not re-score "
+                "the model train.py saved; make the model exportable (torch.export), or discard it", True)
+    return None
+
+
 def decide_pending(action, force):
     session = common.require_session()
     check_branch(session)
@@ -83,6 +127,7 @@ def decide_pending(action, force):
     decision = pending.get("decision")  # present when an earlier decide.py was interrupted
     commit = pending.get("commit")
     summary, summary_path = load_summary(pending)
+    stop_orphaned_confirmation(pending)
 
     if decision:
         status, forced = decision["status"], decision["forced"]
@@ -93,19 +138,14 @@ def decide_pending(action, force):
             print(f"{number} was interrupted before its commit: nothing ran, nothing recorded")
             return 0
         status, forced = "crash", False
-    elif pending.get("status") == "crash":
-        status, forced = "crash", False
+    elif pending.get("status") in common.NO_RESULT_STATUSES:
+        status, forced = pending["status"], False
     elif action == "keep":
-        best, summary_lines = common.best_kept(rows), summary or {}
-        allowed = best is None or common.keep_allowed(
-            pending["val_bpb"], best.val_bpb, common.noise_band(session),
-            summary_lines.get("train_py_lines", 0), summary_lines.get("parent_train_py_lines", 0))
-        if not allowed and not force:
-            raise common.Refusal(
-                f"keep refused: val_bpb {pending['val_bpb']:.6f} is worse than the best kept "
-                f"{best.val_bpb:.6f} ({best.commit}) by {pending['val_bpb'] - best.val_bpb:.6f}, and not a "
-                f"simplification within the noise band {common.noise_band(session):g}: discard it, or --force")
-        status, forced = "keep", not allowed
+        common.check_pins(session)  # a helper or prepare.py changed since the experiment: stop here
+        refusal = keep_refusal(summary, pending, rows, session)
+        if refusal and not (force and refusal[1]):
+            raise common.Refusal(refusal[0] + ("" if refusal[1] else " (--force cannot override this)"))
+        status, forced = "keep", refusal is not None
     else:
         status, forced = "discard", False
 
@@ -118,19 +158,27 @@ def decide_pending(action, force):
         target = common.base_commit(rows, session)
     if not decision:
         decision = {"status": status, "forced": forced, "asked": action, "decided_at": common.now_iso(),
-                    "ledger_rows_before": len(rows)}
+                    "ledger_rows_before": len(rows),
+                    "new_best": status == "keep" and (common.best_ever(rows) is None
+                                                      or pending["val_bpb"] < common.best_ever(rows).val_bpb)}
         pending.update(decision=decision, commit=commit)
         common.write_json_atomic(common.PENDING_FILE, pending)  # first: a retry then never doubles the row
 
     if len(rows) <= decision["ledger_rows_before"]:
-        ok = status != "crash"
-        description = pending["description"] + (" [forced keep]" if forced else "")
+        ok = status not in common.NO_RESULT_STATUSES
+        runs = (summary or {}).get("runs") or 1
+        description = pending["description"] + (f" [mean of {runs} runs]" if ok and runs > 1 else "")
+        description += " [forced keep]" if forced else ""
         common.append_ledger_row(common.LedgerRow(
             commit[:7], pending["val_bpb"] if ok else 0.0, pending.get("memory_gb", 0.0) if ok else 0.0,
             status, description))
     if summary is not None:
         summary["decision"] = decision
         common.write_json_atomic(summary_path, summary)
+    if status == "keep" and decision.get("new_best"):
+        score_held_out(pending, summary, session)
+    if status != "keep":
+        common.delete_saved_models(run_dirs_of(pending, summary))
     if target:
         common.reset_hard(target)
     common.PENDING_FILE.unlink(missing_ok=True)
@@ -139,12 +187,53 @@ def decide_pending(action, force):
     best_text = f"best {best.val_bpb:.6f} ({best.commit})" if best else "nothing kept yet"
     if status == "keep":
         print(f"{number} kept {commit[:7]}{' (forced)' if forced else ''}; {best_text}")
-    elif status == "crash":
-        asked = "" if action == "discard" else f" (not {action}: it crashed)"
-        print(f"{number} recorded as crash{asked}; branch reset to {target[:7]}; {best_text}")
+    elif status in common.NO_RESULT_STATUSES:
+        asked = "" if action == "discard" else f" (not {action}: it {'crashed' if status == 'crash' else 'is invalid'})"
+        print(f"{number} recorded as {status}{asked}; branch reset to {target[:7]}; {best_text}")
     else:
         print(f"{number} discarded; branch reset to {target[:7]}; {best_text}")
     return 0
+
+
+def run_dirs_of(pending, summary):
+    """The run folders of an experiment: its own and its confirmations'."""
+    folders = [pending["run_dir"]] if pending.get("run_dir") else []
+    folders += [f"runs/{name}" for name in (summary or {}).get("confirmations") or []]
+    if (pending.get("confirmation") or {}).get("run_dir"):
+        folders.append(pending["confirmation"]["run_dir"])
+    return sorted(set(folders))
+
+
+def stop_orphaned_confirmation(pending):
+    """A confirmation whose experiment.py was killed may have left training running: stop it."""
+    confirmation = pending.get("confirmation") or {}
+    pgid = confirmation.get("training_pgid")
+    same_machine = confirmation.get("host") == os.uname().nodename and confirmation.get("boot_id") == common.boot_id()
+    if pgid and same_machine and confirmation.get("state") == "running" and common.process_group_alive(pgid):
+        common.stop_process_group(pgid)
+
+
+def score_held_out(pending, summary, session):
+    """A new best: score its model on the held-out test split with the trusted evaluator and append
+    the pair to runs/heldout.json. Never printed: the agent decides on val only, and a widening gap
+    between val and test (status.py --report) is the sign that hundreds of decisions overfit val."""
+    records = common.read_json(common.HELDOUT_FILE) or []
+    if any(record["id"] == pending["id"] for record in records):
+        return  # an interrupted decide.py already scored it
+    samples = (summary or {}).get("samples") or [{"run": os.path.basename(pending["run_dir"]), "referee": None}]
+    first = samples[0]
+    manifest = common.load_manifest() or {}
+    timeout = common.default_timeout(manifest) if common.is_finite_number(manifest.get("time_budget")) else 3600
+    scored = common.score_saved_model(common.RUNS_DIR / first["run"], "test", session, timeout)
+    referee = first.get("referee") or {}
+    val_of_model = referee.get("bpb") if referee.get("status") == "verified" else first.get("val_bpb")
+    records.append({
+        "id": pending["id"], "commit": pending["commit"][:7], "description": pending["description"],
+        "val_bpb": pending["val_bpb"], "model_run": first["run"], "model_val_bpb": val_of_model,
+        "test_bpb": scored["bpb"], "gap": scored["bpb"] - val_of_model if scored["bpb"] is not None and val_of_model
+        is not None else None, "error": scored["detail"], "test_seconds": scored["seconds"],
+        "scored_at": common.now_iso()})
+    common.write_json_atomic(common.HELDOUT_FILE, records)
 
 
 def backtrack(commit_arg, reason):

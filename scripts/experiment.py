@@ -1,16 +1,31 @@
-"""Run one experiment: commit train.py, train with a hard timeout, record the result, print one line.
+"""Run one experiment: commit train.py, train with a hard timeout, referee the result, print one line.
 
 Refuses (exit 2, one line) off the session's autoresearch/* branch, when tracked files other than
 train.py differ from HEAD, when prepare.py or a helper no longer matches its pin from setup, and
 while an earlier experiment awaits its decision. Otherwise commits train.py when it changed
 (`experiment: DESCRIPTION`; unchanged means a re-run of HEAD), trains in its own process group
-with all output in runs/<NNNN>-<commit7>/run.log (run.log at the root links to the latest), kills
-the whole group on timeout, writes runs/<NNNN>-<commit7>/summary.json, and marks the experiment
-pending until `decide.py` closes it. Nothing training prints reaches the console: one line for a
-finished run (exit 0), at most three for a crash (exit 1), never more than 300 bytes.
+(in the sandbox where Linux allows it: no network, the repository read-only but for the run
+folder) with all output in runs/<NNNN>-<commit7>/run.log (run.log at the root links to the
+latest), kills the whole group on timeout, writes runs/<NNNN>-<commit7>/summary.json, and marks
+the experiment pending until `decide.py` closes it.
+
+The verdict compares the result with the best kept, in units of the session's noise (the spread
+of val_bpb across seeds, measured by setup.py): `improved` when one run beats the best by
+common.KEEP_MARGIN_NOISE noise units, `marginal` when it beats it by less, `rerun`/`cosmetic`
+when the diff changes nothing that trains (never kept). A marginal win is confirmed with
+`--confirm`: the same commit re-run under a new seed (its own runs/ folder, linked both ways),
+judged on the mean of the two runs. Before anything may be kept, the referee re-scores the model
+train.py saved (runs/<NNNN>-<commit7>/model.pt2) with `prepare.py score` in a fresh process that
+never imports train.py; a disagreement beyond common.REFEREE_TOLERANCE_BPB, or a model that
+looks ahead, makes the experiment `invalid`, and the referee's number is the one that counts.
+
+Nothing training prints reaches the console: one line for a result (exit 0), at most three for a
+crash or an invalid result (exit 1), never more than 300 bytes. The line ends with the next
+command to run, which pending.json also carries as `next`.
 
 Usage:
     uv run scripts/experiment.py "DESCRIPTION" [--timeout SECONDS] [--seed N] [--train-command CMD]
+    uv run scripts/experiment.py --confirm [--timeout SECONDS] [--train-command CMD]
 
 The training command defaults to this Python running train.py; --train-command or the
 AUTORESEARCH_TRAIN_COMMAND environment variable replaces it (split like a shell would).
@@ -20,30 +35,18 @@ import argparse
 import glob
 import os
 import platform
-import shlex
-import signal
-import subprocess
+import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-TIMEOUT_MARGIN_SECONDS = 120  # on top of twice the time budget: start-up, compilation, evaluation
 DEFAULT_SEED = 42  # train.py's own default for AUTORESEARCH_SEED
 CONSOLE_LIMIT_BYTES = 300  # an agent's context is the scarcest resource of the night
 CRASH_EXIT_CODE = 1
 
 
-class Interrupted(BaseException):
-    """experiment.py itself got SIGTERM or SIGHUP (a tool timeout, a closed terminal)."""
-
-
-def raise_interrupted(signum, _frame):
-    raise Interrupted(signum)
-
-
-def check_preconditions(session):
+def check_preconditions(session, confirming=False):
     """Refuse unless the branch, the working tree, the pins and the data are as the session expects.
     Returns (tracked files that changed, manifest)."""
     branch = common.current_branch()
@@ -54,39 +57,20 @@ def check_preconditions(session):
         raise common.Refusal(f"on {branch}, but the session is {session['branch']}: "
                              f"git checkout {session['branch']}, or start a new session with setup.py")
     pending = common.load_pending()
-    if pending:
+    if pending and not confirming:
         raise common.Refusal(common.pending_message(pending))
     changed = common.changed_tracked_files()
-    others = [path for path in changed if path != "train.py"]
+    others = [path for path in changed if path != "train.py" or confirming]
     if others:
         raise common.Refusal(f"only train.py may change, but these differ from HEAD: {', '.join(others)} "
                              f"(revert: git checkout HEAD -- {' '.join(others)})")
-    if not common.PREPARE_FILE.exists() or common.sha256_file(common.PREPARE_FILE) != session["prepare_sha256"]:
-        raise common.Refusal("prepare.py no longer matches the hash pinned at setup: the protocol is fixed; "
-                             f"restore it (git checkout {session['start_commit'][:7]} -- prepare.py)")
-    for name, digest in session.get("helper_sha256", {}).items():
-        path = common.SCRIPTS_DIR / name
-        if not path.exists() or common.sha256_file(path) != digest:
-            raise common.Refusal(f"scripts/{name} no longer matches the hash pinned at setup: restore it "
-                                 f"(git checkout {session['start_commit'][:7]} -- scripts/{name})")
+    common.check_pins(session)
     manifest = common.require_manifest()
     for key in ("profile", "dataset"):
         if manifest.get(key) != session.get(key):
             raise common.Refusal(f"the prepared data's {key} is {manifest.get(key)}, but the session "
                                  f"started with {session.get(key)}: results would not compare")
     return changed, manifest
-
-
-def training_command(option):
-    text = option or os.environ.get("AUTORESEARCH_TRAIN_COMMAND")
-    return shlex.split(text) if text else [sys.executable, "train.py"]
-
-
-def default_timeout(manifest):
-    budget = manifest.get("time_budget")
-    if not common.is_finite_number(budget):
-        raise common.Refusal(f"{common.manifest_path()} has no time_budget: pass --timeout SECONDS")
-    return 2 * budget + TIMEOUT_MARGIN_SECONDS
 
 
 def train_py_line_counts(diff):
@@ -98,7 +82,7 @@ def train_py_line_counts(diff):
 
 
 def link_run_log(run_log):
-    """Point the root run.log at this run's log (a relative symlink; a copy is made later if links fail)."""
+    """Point the root run.log at this run's log (a relative symlink; False when links fail)."""
     temporary = common.RUN_LOG.with_name(".run.log.tmp")
     try:
         temporary.unlink(missing_ok=True)
@@ -107,38 +91,6 @@ def link_run_log(run_log):
         return True
     except OSError:
         return False
-
-
-def train(command, run_log, seed, timeout, on_start):
-    """Run training with output to run_log; on_start(pid) is called once it runs.
-    Returns (exit code, timed out, interrupted, seconds)."""
-    env = dict(os.environ, AUTORESEARCH_SEED=str(seed), PYTHONUNBUFFERED="1")
-    started = time.monotonic()
-    timed_out = interrupted = False
-    previous = {number: signal.signal(number, raise_interrupted) for number in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        with open(run_log, "wb") as log:
-            process = subprocess.Popen(command, cwd=common.ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            on_start(process.pid)
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        except (Interrupted, KeyboardInterrupt):
-            interrupted = True
-        finally:
-            # Always, even after a clean exit: a dataloader worker or a stray child must not outlive the run.
-            if common.process_group_alive(process.pid):
-                common.stop_process_group(process.pid, reap=process.poll)
-            process.wait()
-    except OSError as error:  # the command does not exist or cannot be executed
-        run_log.write_text(f"could not start the training command {command}: {error}\n")
-        return 127, False, False, time.monotonic() - started
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    return process.returncode, timed_out, interrupted, time.monotonic() - started
 
 
 def ascii_line(text, limit):
@@ -166,61 +118,122 @@ def cuda_version(torch):
     return installed_version("nvidia-cuda-runtime", "nvidia-cuda-runtime-cu13", "nvidia-cuda-runtime-cu12")
 
 
-def diagnose(tail, metrics, exit_code, timed_out, interrupted, timeout):
-    """Why the run gave no usable val_bpb, as common.triage describes it."""
-    if interrupted:
-        return {"kind": "interrupted", "detail": "experiment.py was interrupted; training was stopped",
-                "excerpt": []}
-    if metrics:  # a summary block, but val_bpb is NaN or infinite
-        return {"kind": "fast_fail", "detail": f"val_bpb is {metrics['val_bpb']}", "excerpt": []}
-    return common.triage(tail, exit_code, timed_out, timeout)
+# ---------------------------------------------------------------------------
+# Judging: the samples (runs) of an experiment, their mean against the best, and the referee
+
+
+def sample_of(run_dir, seed, run):
+    return {"run": run_dir.name, "seed": seed, "val_bpb": run["val_bpb"], "referee": None}
+
+
+def sample_value(sample):
+    """The number that counts for one run: the referee's when it verified it, else train.py's."""
+    referee = sample.get("referee") or {}
+    return referee["bpb"] if referee.get("status") == "verified" else sample["val_bpb"]
+
+
+def judge(summary, samples, rows, session):
+    """Fill summary's judged fields from its samples: val_bpb (their mean), runs, delta, verdict."""
+    best = common.best_kept(rows)
+    best_val = best.val_bpb if best else None
+    noise = common.noise_band(session)
+    value = statistics.fmean(sample_value(sample) for sample in samples)
+    summary.update(
+        samples=samples, runs=len(samples), val_bpb=value, noise_bpb=noise,
+        best_before={"commit": best.commit, "val_bpb": best.val_bpb} if best else None,
+        delta_vs_best=value - best_val if best else None,
+        delta_noise_units=round(common.noise_units(value - best_val, noise), 2) if best else None,
+        verdict=common.verdict(value, best_val, noise, summary["train_py_lines"], summary["parent_train_py_lines"],
+                               runs=len(samples), change=summary["change"]))
+
+
+def referee_samples(summary, session, manifest, rows):
+    """Re-score every refereeable run of a keep candidate with the trusted evaluator, then judge again
+    on the referee's numbers. Sets summary["referee"] to verified, unverified, invalid or off."""
+    if session.get("referee") == "off":
+        summary["referee"] = "off"
+        return
+    timeout = common.default_timeout(manifest)
+    for sample in summary["samples"]:
+        if sample.get("noise") or sample.get("referee"):
+            continue  # setup's noise runs of the start commit: the human's code, not exported
+        scored = common.score_saved_model(common.RUNS_DIR / sample["run"], "val", session, timeout)
+        sample["referee"] = common.referee_verdict(sample["val_bpb"], scored)
+    statuses = [sample["referee"]["status"] for sample in summary["samples"] if sample.get("referee")]
+    summary["referee"] = next((s for s in ("invalid", "unverified") if s in statuses), "verified")
+    summary["referee_seconds"] = round(sum(s["referee"]["seconds"] for s in summary["samples"] if s.get("referee")), 3)
+    if summary["referee"] == "invalid":
+        detail = next(s["referee"]["detail"] for s in summary["samples"] if (s.get("referee") or {}).get("status") == "invalid")
+        summary.update(status="invalid", verdict="invalid", triage={"kind": "referee", "detail": detail, "excerpt": []})
+    else:
+        judge(summary, summary["samples"], rows, session)
+
+
+def next_step(summary):
+    """The command to run next, for the console line, pending.json and the loop."""
+    if summary["status"] != "ok":
+        return common.DISCARD_COMMAND
+    if summary["verdict"] == "marginal" and not summary.get("confirmations"):
+        return common.CONFIRM_COMMAND
+    if summary["verdict"] in common.KEEP_VERDICTS and summary.get("referee") in ("verified", "off"):
+        return common.KEEP_COMMAND
+    return common.DISCARD_COMMAND
 
 
 def console_lines(summary):
-    """What the agent sees: one line for a finished run, at most three for a crash, within 300 bytes."""
+    """What the agent sees: one line for a result, at most three for a crash, within 300 bytes."""
     number, commit = summary["id"], summary["commit"][:7]
     failure = summary["triage"]
     if failure:
-        lines = [ascii_line(f"{number} {commit} crash ({failure['kind']}): {failure['detail']}", 140)]
+        kind = "invalid" if summary["status"] == "invalid" else "crash"
+        lines = [ascii_line(f"{number} {commit} {kind} ({failure['kind']}): {failure['detail']}", 160)]
         lines += [ascii_line(line, 75) for line in failure["excerpt"][:1]]
-        return lines + [ascii_line(f"log {summary['run_log']}; next: decide.py discard", 80)]
+        return lines + [ascii_line(f"log {summary['run_log']}; next: decide.py discard", 60)]
     seconds = summary["metrics"].get("training_seconds")
     seconds = seconds if common.is_finite_number(seconds) else summary["wall_seconds"]
     best = summary["best_before"]
-    against = f"{summary['delta_vs_best']:+.6f} vs best {best['val_bpb']:.6f}" if best else "baseline"
-    advice = "keep" if summary["verdict"] in ("baseline", "improved", "simpler") else "discard"
-    line = (f"{number} {commit} val_bpb {summary['val_bpb']:.6f} ({against}) mem {summary['memory_gb']:.1f} GB "
-            f"train {seconds:.1f} s: {summary['verdict']} (decide.py {advice})")
+    runs = f" mean of {summary['runs']} runs" if summary["runs"] > 1 else ""
+    if best:
+        against = (f"{summary['delta_vs_best']:+.6f} vs best {best['val_bpb']:.6f}, "
+                   f"{summary['delta_noise_units']:+.1f} noise")
+    else:
+        against = f"baseline; noise {summary['noise_bpb']:.6f}"
+    unverified = f", unverified: {summary['samples'][0]['referee']['detail']}" if summary.get("referee") == "unverified" else ""
+    step = summary["next"].replace("uv run scripts/", "")
+    line = (f"{number} {commit} val_bpb {summary['val_bpb']:.6f}{runs} ({against}) mem {summary['memory_gb']:.1f} GB "
+            f"train {seconds:.1f} s: {summary['verdict']}{unverified} (next: {step})")
     return [ascii_line(line, CONSOLE_LIMIT_BYTES - 1)]
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Commit train.py, train with a hard timeout, "
-                                     "record the result and print one line.")
-    parser.add_argument("description", help="what this experiment tries (becomes the commit message "
-                        "and the ledger's description)")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS",
-                        help=f"kill training after this long (default: 2 x the prepared time budget "
-                        f"+ {TIMEOUT_MARGIN_SECONDS} s)")
-    parser.add_argument("--seed", type=int, help="AUTORESEARCH_SEED for training (default: the "
-                        f"environment's AUTORESEARCH_SEED, else {DEFAULT_SEED})")
-    parser.add_argument("--train-command", metavar="CMD", help="the training command (default: "
-                        "$AUTORESEARCH_TRAIN_COMMAND, else this Python running train.py)")
-    args = parser.parse_args()
-    description = " ".join(args.description.split())
+def finish(summary, pending, run_dir):
+    """Write the summary and the pending state, print the console line, return the exit code."""
+    summary["next"] = next_step(summary)
+    common.write_json_atomic(run_dir / "summary.json", summary)
+    pending.update(state="finished", status=summary["status"], verdict=summary["verdict"],
+                   val_bpb=summary["val_bpb"] if summary["status"] == "ok" else None,
+                   memory_gb=summary["memory_gb"], triage=summary["triage"] and summary["triage"]["kind"],
+                   referee=summary.get("referee"), next=summary["next"])
+    common.write_json_atomic(common.PENDING_FILE, pending)
+    print("\n".join(console_lines(summary)))
+    return 0 if summary["status"] == "ok" else CRASH_EXIT_CODE
+
+
+# ---------------------------------------------------------------------------
+# An experiment, and the confirmation of a marginal one
+
+
+def run_experiment(args):
+    description = " ".join((args.description or "").split())
     if not description:
         raise common.Refusal("give the experiment a description: what does it try?")
-    if args.timeout is not None and args.timeout <= 0:
-        raise common.Refusal("--timeout must be positive")
-
     session = common.require_session()
     changed, manifest = check_preconditions(session)
     rows = common.read_ledger()  # a corrupt ledger is refused now, not after an hour of training
-    timeout = args.timeout or default_timeout(manifest)
+    timeout = args.timeout or common.default_timeout(manifest)
     seed = args.seed if args.seed is not None else int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED))
-    command = training_command(args.train_command)
-    number = f"{common.next_run_number():04d}"
+    command = common.training_command(args.train_command)
     parent = common.head_commit()
+    number = f"{common.next_run_number():04d}"
     pending = {"id": number, "state": "starting", "description": description, "parent": parent,
                "started_at": common.now_iso(), **common.process_marker()}
     common.write_json_atomic(common.PENDING_FILE, pending)  # before the commit: a kill from here on is noticed
@@ -231,14 +244,12 @@ def main():
     except common.GitError:
         common.PENDING_FILE.unlink()  # nothing was committed: nothing is pending
         raise
-    run_dir = common.RUNS_DIR / f"{number}-{commit[:7]}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = common.new_run_dir(commit)
     run_log = run_dir / "run.log"
     pending.update(state="running", commit=commit, run_dir=str(run_dir.relative_to(common.ROOT)))
     common.write_json_atomic(common.PENDING_FILE, pending)
     diff = "" if rerun else common.git("diff", parent, commit, "--", "train.py")
     lines, parent_lines = train_py_line_counts(diff)
-
     started_at = common.now_iso()
     linked = link_run_log(run_log)
 
@@ -246,47 +257,130 @@ def main():
         pending["training_pgid"] = pid
         common.write_json_atomic(common.PENDING_FILE, pending)
 
-    exit_code, timed_out, interrupted, wall_seconds = train(command, run_log, seed, timeout, record_training_pid)
+    run = common.train_run(run_dir, command, seed, timeout, session, export=True, on_start=record_training_pid)
     if not linked:
         common.RUN_LOG.write_bytes(run_log.read_bytes())
-
-    tail = common.read_tail(run_log)
-    metrics = common.parse_summary(tail) if exit_code == 0 and not timed_out and not interrupted else {}
-    val_bpb = metrics.get("val_bpb")
-    finished = common.is_finite_number(val_bpb)
-    failure = None if finished else diagnose(tail, metrics, exit_code, timed_out, interrupted, timeout)
-    peak_vram_mb = metrics.get("peak_vram_mb")
-    memory_gb = peak_vram_mb / 1024 if finished and common.is_finite_number(peak_vram_mb) else 0.0
+    peak_vram_mb = run["metrics"].get("peak_vram_mb")
+    memory_gb = peak_vram_mb / 1024 if run["status"] == "ok" and common.is_finite_number(peak_vram_mb) else 0.0
     torch = installed_version("torch")
-    best = common.best_kept(rows)
-    best_val = best.val_bpb if best else None
-    noise = common.noise_band(session)
-    judged = common.verdict(val_bpb, best_val, noise, lines, parent_lines) if finished else "crash"
-
     summary = {
-        "id": number, "description": description, "status": "ok" if finished else "crash",
-        "verdict": judged, "val_bpb": val_bpb if finished else None, "memory_gb": round(memory_gb, 3),
-        "metrics": metrics, "triage": failure,
-        "best_before": {"commit": best.commit, "val_bpb": best.val_bpb} if best else None,
-        "delta_vs_best": val_bpb - best_val if finished and best else None, "noise_bpb": noise,
+        "id": number, "kind": "experiment", "description": description, "status": run["status"],
+        "verdict": run["status"] if run["status"] != "ok" else None, "val_bpb": None,
+        "memory_gb": round(memory_gb, 3), "metrics": run["metrics"], "triage": run["failure"],
+        "best_before": None, "delta_vs_best": None, "noise_bpb": common.noise_band(session),
         "commit": commit, "parent": parent, "rerun": rerun, "branch": session["branch"],
-        "diff": diff, "train_py_lines": lines, "parent_train_py_lines": parent_lines,
-        "seed": seed, "command": command, "timeout_s": timeout, "exit_code": exit_code,
-        "timed_out": timed_out, "started_at": started_at, "finished_at": common.now_iso(),
-        "wall_seconds": round(wall_seconds, 3),
+        "diff": diff, "change": common.classify_change(diff), "train_py_lines": lines,
+        "parent_train_py_lines": parent_lines, "samples": [], "runs": 0, "confirmations": [], "referee": None,
+        "seed": seed, "command": command, "timeout_s": timeout, "exit_code": run["exit_code"],
+        "timed_out": run["timed_out"], "sandbox": run["sandbox"], "started_at": started_at,
+        "finished_at": common.now_iso(), "wall_seconds": run["wall_seconds"],
         "profile": manifest.get("profile"), "dataset": manifest.get("dataset"), "manifest": manifest,
         "prepare_sha256": session["prepare_sha256"], "session": session["tag"],
         "host": os.uname().nodename, "platform": " ".join(os.uname()[i] for i in (0, 2, 4)),
         "python": platform.python_version(), "torch": torch, "cuda": cuda_version(torch),
-        "run_log": str(run_log.relative_to(common.ROOT)),
+        "run_log": run["run_log"],
     }
-    common.write_json_atomic(run_dir / "summary.json", summary)
-    pending.update(state="finished", status=summary["status"], verdict=judged, val_bpb=summary["val_bpb"],
-                   memory_gb=summary["memory_gb"], triage=failure and failure["kind"])
-    common.write_json_atomic(common.PENDING_FILE, pending)
+    if run["status"] == "ok":
+        # Setup's noise runs re-ran this very commit (the baseline) under other seeds: they count too.
+        noise_runs = [{"run": sample["run"], "seed": sample["seed"], "val_bpb": sample["val_bpb"], "noise": True}
+                      for sample in session.get("noise_runs") or []
+                      if sample["commit"] == commit and sample["seed"] != seed and sample["run"] != run_dir.name]
+        judge(summary, [sample_of(run_dir, seed, run)] + noise_runs, rows, session)
+        if summary["verdict"] in common.KEEP_VERDICTS:
+            referee_samples(summary, session, manifest, rows)
+        if summary["status"] == "ok" and noise_runs:
+            common.record_noise_sample(session, run_dir.name, commit, seed, run["val_bpb"])
+            common.write_json_atomic(common.SESSION_FILE, session)
+    return finish(summary, pending, run_dir)
 
-    print("\n".join(console_lines(summary)))
-    return 0 if finished else CRASH_EXIT_CODE
+
+def confirm(args):
+    """Re-run the pending marginal experiment's commit under a new seed and judge it on the mean."""
+    if args.description or args.seed is not None:
+        raise common.Refusal("--confirm takes no description or --seed: it re-runs the pending experiment "
+                             "under the next unused seed")
+    session = common.require_session()
+    pending = common.load_pending()
+    if pending is None:
+        raise common.Refusal("nothing to confirm: no experiment is pending")
+    state = common.pending_state(pending)
+    if state != "finished":
+        raise common.Refusal(common.pending_message(pending))
+    _changed, manifest = check_preconditions(session, confirming=True)
+    path = common.ROOT / pending["run_dir"] / "summary.json"
+    summary = common.read_json(path)
+    if summary is None or summary.get("status") != "ok":
+        raise common.Refusal(f"experiment {pending['id']} has no result to confirm: {common.DISCARD_COMMAND}")
+    if summary.get("confirmations") and summary["verdict"] != "marginal":
+        raise common.Refusal(f"experiment {pending['id']} was already confirmed once ({summary['verdict']}): "
+                             f"run {summary['next']}")
+    if summary["verdict"] != "marginal":
+        raise common.Refusal(f"experiment {pending['id']} is {summary['verdict']}, not marginal: nothing to "
+                             f"confirm; run {summary['next']}")
+    commit = pending["commit"]
+    if common.head_commit() != commit:
+        raise common.Refusal(f"HEAD is {common.head_commit()[:7]}, not experiment {pending['id']}'s commit "
+                             f"{commit[:7]}: git checkout it, or discard")
+    rows = common.read_ledger()
+    timeout = args.timeout or common.default_timeout(manifest)
+    seed = common.next_seed({sample["seed"] for sample in summary["samples"]}, summary["seed"] + 1)
+    run_dir = common.new_run_dir(commit)
+    pending["confirmation"] = {"state": "running", "run_dir": str(run_dir.relative_to(common.ROOT)), "seed": seed,
+                               **common.process_marker()}
+    common.write_json_atomic(common.PENDING_FILE, pending)
+    summary["confirmations"].append(run_dir.name)
+    link_run_log(run_dir / "run.log")
+
+    def record_training_pid(pid):
+        pending["confirmation"]["training_pgid"] = pid
+        common.write_json_atomic(common.PENDING_FILE, pending)
+
+    command = common.training_command(args.train_command)
+    started_at = common.now_iso()
+    run = common.train_run(run_dir, command, seed, timeout, session, export=True, on_start=record_training_pid)
+    common.write_json_atomic(run_dir / "summary.json", {
+        "id": run_dir.name[:4], "kind": "confirmation", "confirms": pending["run_dir"].split("/")[-1],
+        "description": f"confirmation of {pending['id']}: {pending['description']}", "commit": commit,
+        "seed": seed, "status": run["status"], "val_bpb": run["val_bpb"], "metrics": run["metrics"],
+        "triage": run["failure"], "exit_code": run["exit_code"], "timed_out": run["timed_out"],
+        "sandbox": run["sandbox"], "started_at": started_at, "finished_at": common.now_iso(),
+        "wall_seconds": run["wall_seconds"], "run_log": run["run_log"]})
+    pending["confirmation"]["state"] = "finished"
+    if run["status"] == "ok":
+        judge(summary, summary["samples"] + [sample_of(run_dir, seed, run)], rows, session)
+        if summary["verdict"] in common.KEEP_VERDICTS:
+            referee_samples(summary, session, manifest, rows)
+    elif run["status"] == "invalid":  # the same code under another seed looked ahead or tampered
+        summary.update(status="invalid", verdict="invalid", triage=run["failure"])
+    elif run["interrupted"]:
+        summary["confirmations"].remove(run_dir.name)  # no evidence either way: --confirm may run again
+        pending["confirmation"]["state"] = "interrupted"
+    else:
+        summary["verdict"] = "not confirmed"
+        summary["confirmation_failure"] = run["failure"]
+    return finish(summary, pending, common.ROOT / pending["run_dir"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Commit train.py, train with a hard timeout, referee the "
+                                     "result and print one line; or confirm a marginal one.")
+    parser.add_argument("description", nargs="?", help="what this experiment tries (becomes the commit message "
+                        "and the ledger's description)")
+    parser.add_argument("--confirm", action="store_true",
+                        help="re-run the pending marginal experiment under a new seed; it is then judged on "
+                        "the mean of its runs")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help=f"kill training after this long (default: 2 x the prepared time budget "
+                        f"+ {common.TIMEOUT_MARGIN_SECONDS} s)")
+    parser.add_argument("--seed", type=int, help="AUTORESEARCH_SEED for training (default: the "
+                        f"environment's AUTORESEARCH_SEED, else {DEFAULT_SEED})")
+    parser.add_argument("--train-command", metavar="CMD", help="the training command (default: "
+                        "$AUTORESEARCH_TRAIN_COMMAND, else this Python running train.py)")
+    args = parser.parse_args()
+    if args.timeout is not None and args.timeout <= 0:
+        raise common.Refusal("--timeout must be positive")
+    return confirm(args) if args.confirm else run_experiment(args)
+
 
 if __name__ == "__main__":
     common.run_main(main)

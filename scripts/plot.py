@@ -2,7 +2,8 @@
 
 Every experiment is a point in the order it ran; discarded ones are faint, kept ones are joined
 by the running-best step line and the new bests are labelled with their description; the
-baseline is a star; crashes are left out (they have no val_bpb) but counted in the title.
+baseline is a star; crashes and invalid results are left out (they have no trusted val_bpb) but
+counted in the title.
 Discarded runs far above the kept ones (a diverged run) are drawn as triangles at the top edge,
 so that one outlier does not squash the interesting part of the curve.
 
@@ -43,7 +44,8 @@ def draw(rows, title_tag, output):
     position = {id(row): number for number, row in enumerate(runs, start=1)}
     kept = [row for row in runs if row.status == "keep"]
     discarded = [row for row in runs if row.status == "discard"]
-    crashed = len(runs) - len(kept) - len(discarded)
+    crashed = sum(row.status == "crash" for row in runs)
+    invalid = sum(row.status == "invalid" for row in runs)
     fig, ax = plt.subplots(figsize=(12, 6), dpi=120)
     if kept or discarded:
         bottom, top = y_limits(kept, discarded)
@@ -81,7 +83,8 @@ def draw(rows, title_tag, output):
     best = common.best_ever(rows)
     best_text = f"; best {best.val_bpb:.6f}" if best else ""
     ax.set_title(f"autoresearch {title_tag}: {len(runs)} experiments, {len(kept)} kept, "
-                 f"{len(discarded)} discarded, {crashed} crashed{best_text}")
+                 f"{len(discarded)} discarded, {crashed} crashed"
+                 f"{f', {invalid} invalid' if invalid else ''}{best_text}")
     fig.tight_layout()
     temporary = output.with_name(f".{output.name}.tmp.png")
     fig.savefig(temporary)

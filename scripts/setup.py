@@ -3,11 +3,25 @@
 Creates branch autoresearch/<tag> from the current commit, writes the results.tsv header,
 creates notes.md and .claude/context/memory/{learnings,issues,decisions}.md from the tracked
 templates when they do not exist yet (never overwriting), checks that prepare.py has run, and
-records runs/session.json, whose prepare_sha256 every later experiment checks. The ledger and
-runs of an earlier session are moved to runs/archive/<old tag>/ first, so nothing is lost.
+records runs/session.json, whose pins (the sha256 of prepare.py, of every helper and of the
+prepared evaluation data) every later experiment and keep checks. The ledger and runs of an
+earlier session are moved to runs/archive/<old tag>/ first, so nothing is lost.
+
+Then it measures the noise floor: the starting commit (the baseline's code) trained again under
+other seeds, --noise-runs times (default 2; each as long as an experiment, so on the H100 profile
+run setup in the background or pass --noise-runs 0 and measure later). The baseline experiment
+adds its own run, and noise_bpb in session.json is the standard deviation of val_bpb across
+seeds (pooled over commits). `--measure-noise` adds runs of HEAD to an existing session.
+
+It also checks once whether training can run in the sandbox (no network, the repository
+read-only but for the run folder: Linux user, network and mount namespaces via `unshare`) and
+says so when it cannot; --no-sandbox turns it off, --no-referee turns off the re-scoring of
+results by prepare.py (for a train.py whose model torch.export cannot save). Both are recorded.
 
 Usage:
     uv run scripts/setup.py [--tag TAG] [--deadline HOURS|ISO-TIME] [--max-experiments N]
+                            [--noise-runs N] [--no-sandbox] [--no-referee]
+    uv run scripts/setup.py --measure-noise [--noise-runs N]
 """
 
 import argparse
@@ -54,7 +68,8 @@ def archive_previous_session():
     """Move an earlier session's ledger, session file and runs to runs/archive/<tag>/."""
     session = common.load_session() or {}
     run_dirs = sorted(common.RUNS_DIR.glob("[0-9][0-9][0-9][0-9]-*"))
-    leftovers = [p for p in (common.LEDGER_FILE, common.SESSION_FILE, common.PROGRESS_PLOT) if p.exists()]
+    leftovers = [p for p in (common.LEDGER_FILE, common.SESSION_FILE, common.PROGRESS_PLOT, common.HELDOUT_FILE)
+                 if p.exists()]
     if not (leftovers or run_dirs):
         return None
     name = session.get("tag") or "untagged"
@@ -86,15 +101,85 @@ def create_memory_files():
     return created
 
 
+NOISE_SEED_START = 43  # the baseline runs under 42, train.py's default
+
+
+def measure_noise(session, commit, count, command=None, timeout=None):
+    """Train `commit` (it must be HEAD) `count` times under seeds not yet used for it, each in its own
+    runs/ folder (kind "noise", no saved model), adding each result to the session's noise samples.
+    Returns (the number of runs that finished, a line about the first that did not, or None)."""
+    manifest = common.require_manifest()
+    timeout = timeout or common.default_timeout(manifest)
+    command = command or common.training_command()
+    finished, problem = 0, None
+    for _ in range(count):
+        used = {sample["seed"] for sample in session.get("noise_runs") or [] if sample["commit"] == commit}
+        seed = common.next_seed(used, NOISE_SEED_START)
+        run_dir = common.new_run_dir(commit)
+        started_at = common.now_iso()
+        run = common.train_run(run_dir, command, seed, timeout, session, export=False)
+        common.write_json_atomic(run_dir / "summary.json", {
+            "id": run_dir.name[:4], "kind": "noise", "description": f"noise run of {commit[:7]} (seed {seed})",
+            "commit": commit, "seed": seed, "status": run["status"], "val_bpb": run["val_bpb"],
+            "metrics": run["metrics"], "triage": run["failure"], "exit_code": run["exit_code"],
+            "sandbox": run["sandbox"], "started_at": started_at, "finished_at": common.now_iso(),
+            "wall_seconds": run["wall_seconds"], "run_log": run["run_log"]})
+        if run["status"] != "ok":
+            problem = f"noise run {run_dir.name} {run['status']} ({run['failure']['kind']}: {run['failure']['detail']})"
+            break
+        common.record_noise_sample(session, run_dir.name, commit, seed, run["val_bpb"])
+        common.write_json_atomic(common.SESSION_FILE, session)  # after each run: a kill keeps what was measured
+        finished += 1
+    return finished, problem
+
+
+def measure_noise_again(count):
+    """`--measure-noise`: more noise runs of HEAD in the current session."""
+    session = common.require_session()
+    if common.current_branch() != session["branch"]:
+        raise common.Refusal(f"on {common.current_branch() or 'a detached HEAD'}, but the session is "
+                             f"{session['branch']}: git checkout {session['branch']}")
+    pending = common.load_pending()
+    if pending:
+        raise common.Refusal(common.pending_message(pending) + " before measuring the noise")
+    changed = common.changed_tracked_files()
+    if changed:
+        raise common.Refusal(f"uncommitted changes to tracked files ({', '.join(changed)}): the noise runs "
+                             "train HEAD as committed; commit or revert them first")
+    common.check_pins(session)
+    before = common.noise_band(session)
+    finished, problem = measure_noise(session, common.head_commit(), count)
+    print(f"noise {common.noise_summary(session)} after {finished} more run{'s' * (finished != 1)} of "
+          f"{common.head_commit()[:7]} (was {before:.6f})" + (f"; {problem}" if problem else ""))
+    return 1 if problem else 0
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Start a research session on branch autoresearch/<tag>.")
+    parser = argparse.ArgumentParser(description="Start a research session on branch autoresearch/<tag>, "
+                                     "and measure the noise floor.")
     parser.add_argument("--tag", default=default_tag(),
                         help="session name; the branch is autoresearch/<tag> (default: today, e.g. nov23)")
     parser.add_argument("--deadline", help="stop after this many hours, or at this ISO time "
                         "(recorded for the Stop hook and the loop)")
     parser.add_argument("--max-experiments", type=int, metavar="N",
                         help="stop after N experiments (recorded for the Stop hook and the loop)")
+    parser.add_argument("--noise-runs", type=int, metavar="N", default=2,
+                        help="re-run the starting commit N times under other seeds to measure the noise "
+                        "(default 2; 0 skips it and the default noise applies until --measure-noise)")
+    parser.add_argument("--measure-noise", action="store_true",
+                        help="in the current session, re-run HEAD --noise-runs more times and update the noise")
+    parser.add_argument("--no-sandbox", action="store_true",
+                        help="train without the sandbox (network and a writable repository)")
+    parser.add_argument("--no-referee", action="store_true",
+                        help="keep results without re-scoring the saved model with prepare.py (they are "
+                        "recorded as unverified)")
     args = parser.parse_args()
+    if args.noise_runs < 0:
+        raise common.Refusal("--noise-runs must be 0 or more")
+    if args.measure_noise:
+        if args.noise_runs < 1:
+            raise common.Refusal("--measure-noise needs --noise-runs 1 or more")
+        return measure_noise_again(args.noise_runs)
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.tag) or ".." in args.tag:
         raise common.Refusal(f"--tag {args.tag!r}: use letters, digits, '.', '_' or '-'")
@@ -120,24 +205,42 @@ def main():
     common.git("checkout", "-q", "-b", branch)
     common.ensure_ledger()
     create_memory_files()
+    sandbox = "off" if args.no_sandbox else common.sandbox_state({})
     session = {
         "tag": args.tag,
         "branch": branch,
         "start_commit": start_commit,
         "prepare_sha256": common.sha256_file(common.PREPARE_FILE),
         "helper_sha256": common.helper_hashes(),
+        "data_sha256": common.data_hashes(),
         "profile": manifest.get("profile"),
         "dataset": manifest.get("dataset"),
         "time_budget": manifest.get("time_budget"),
         "started_at": common.now_iso(),
         "deadline": deadline,
         "max_experiments": args.max_experiments,
+        "sandbox": sandbox.split(":")[0],  # on, off or unavailable
+        "sandbox_problem": sandbox[len("unavailable: "):] if sandbox.startswith("unavailable") else None,
+        "referee": "off" if args.no_referee else "on",
+        "noise_bpb": None,
+        "noise_runs": [],
     }
-    common.write_json_atomic(common.SESSION_FILE, session)  # last: its existence means setup completed
+    common.write_json_atomic(common.SESSION_FILE, session)  # its existence means setup completed
     moved = f"; earlier session moved to {archived.relative_to(common.ROOT)}" if archived else ""
     print(f"session {args.tag}: branch {branch} at {start_commit[:7]}, profile {session['profile']}, "
           f"dataset {session['dataset']}, budget {session['time_budget']} s{moved}; "
           'next: uv run scripts/experiment.py "baseline"')
+    if session["sandbox_problem"]:  # said once, here; experiments then run without it
+        print(f"sandbox unavailable ({session['sandbox_problem']}): training will run with network access "
+              "and a writable repository")
+    if args.noise_runs:
+        finished, problem = measure_noise(session, start_commit, args.noise_runs)
+        if problem:
+            print(f"{problem}; the noise is not measured (default {common.DEFAULT_NOISE_BPB:g} applies); "
+                  "fix it, then uv run scripts/setup.py --measure-noise")
+            return 1
+        print(f"noise {common.noise_summary(session)}; the baseline adds a run")
+    return 0
 
 
 if __name__ == "__main__":

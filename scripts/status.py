@@ -1,11 +1,18 @@
 """Where the research session stands, in a few lines (or JSON for hooks and the loop).
 
 Branch and session, experiments per hour, the best val_bpb with its commit and description,
-minutes since the last improvement, counts by status, the noise band, the pending experiment,
-the session's stop condition, and the last five ledger rows.
+minutes since the last improvement, counts by status (invalid: caught by the referee), the
+measured noise, the sandbox and referee, the pending experiment, the session's stop condition,
+and the last five ledger rows.
+
+--report is the human's view of the held-out check: for each new best, val_bpb and the test
+split's score of the same model (runs/heldout.json), and how the gap between them moved over the
+session. A widening gap means the keep/discard decisions are overfitting the validation shard.
+The agent decides on val alone and is not shown these numbers.
 
 Usage:
     uv run scripts/status.py [--json]
+    uv run scripts/status.py --report
 """
 
 import argparse
@@ -39,7 +46,7 @@ def rerun_spread(rows):
     """The largest val_bpb range among commits run more than once: a measured noise floor."""
     by_commit = {}
     for row in rows:
-        if row.status in ("keep", "discard"):
+        if row.status in ("keep", "discard") and "[mean of" not in row.description:
             by_commit.setdefault(row.commit, []).append(row.val_bpb)
     spreads = [max(values) - min(values) for values in by_commit.values() if len(values) > 1]
     return max(spreads) if spreads else None
@@ -85,6 +92,10 @@ def gather():
         "minutes_since_improvement": round((now - improved_at).total_seconds() / 60, 1) if improved_at else None,
         "noise_bpb": common.noise_band(session),
         "noise_source": "session" if session.get("noise_bpb") is not None else "default",
+        "noise": common.noise_summary(session),
+        "noise_runs": len(session.get("noise_runs") or []),
+        "sandbox": session.get("sandbox"),
+        "referee": session.get("referee"),
         "rerun_spread_bpb": rerun_spread(rows),
         "pending": pending_summary(pending) if pending else None,
         "deadline": session.get("deadline"),
@@ -107,7 +118,11 @@ def print_text(status):
     counts = ", ".join(f"{name} {count}" for name, count in status["counts"].items())
     spread = status["rerun_spread_bpb"]
     spread = f", re-run spread {spread:.6f}" if spread is not None else ""
-    print(f"{counts}; noise band {status['noise_bpb']:g} ({status['noise_source']}){spread}")
+    print(f"{counts}; noise {status['noise']}{spread}")
+    guards = [f"referee {status['referee']}"] if status["referee"] else []
+    guards += [f"sandbox {status['sandbox']}"] if status["sandbox"] else []
+    if guards:
+        print(", ".join(guards))
     if status["pending"]:
         print(f"pending: {status['pending']['message']}")
     if status["stop_reason"]:
@@ -120,15 +135,40 @@ def print_text(status):
         print(common.format_row(common.LedgerRow(**row)), end="")
 
 
+def held_out_report():
+    """The val/test pairs of each new best, and the trend of their gap (lines for a human)."""
+    records = common.read_json(common.HELDOUT_FILE) or []
+    if not records:
+        return ["held-out test: nothing scored yet (each new best is scored when it is kept)"]
+    lines = ["held-out test split, scored for each new best by prepare.py (the agent never sees it):",
+             "id    commit   val_bpb   test_bpb  gap (test - val of that model)"]
+    for record in records:
+        test = f"{record['test_bpb']:.6f}" if record["test_bpb"] is not None else "  failed"
+        gap = f"{record['gap']:+.6f}" if record["gap"] is not None else f"({record['error']})"
+        lines.append(f"{record['id']}  {record['commit']}  {record['val_bpb']:.6f}  {test}  {gap}  {record['description']}")
+    gaps = [record["gap"] for record in records if record["gap"] is not None]
+    if len(gaps) >= 2:
+        change = gaps[-1] - gaps[0]
+        trend = "widening: decisions may be overfitting the validation shard" if change > 0 else "not widening"
+        lines.append(f"gap {gaps[0]:+.6f} at the first best, {gaps[-1]:+.6f} now ({change:+.6f}: {trend})")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description="Show where the research session stands.")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--report", action="store_true",
+                        help="for the human: add the val/test gap of each new best (held-out check)")
     args = parser.parse_args()
     status = gather()
     if args.json:
+        if args.report:
+            status["held_out"] = common.read_json(common.HELDOUT_FILE) or []
         print(json.dumps(status, sort_keys=True))
     else:
         print_text(status)
+        if args.report:
+            print("\n".join(held_out_report()))
     return 0
 
 

@@ -46,10 +46,11 @@ class Repo:
                               text=True).stdout.strip()
 
     def experiment(self, description, val_bpb=None, *extra, edit=True, train=None):
-        """Edit train.py (one more line, so that there is something to commit) and run an experiment."""
+        """Edit train.py (one more line of code, so that there is a change to commit and train) and run
+        an experiment."""
         if edit:
             with open(self.path / "train.py", "a") as f:
-                f.write(f"# {description}\n")
+                f.write(f"IDEA = {description!r}\n")
         return self.run("experiment", description, *extra,
                         train=train or fake("success.py", 1.0 if val_bpb is None else val_bpb))
 
@@ -92,7 +93,7 @@ def repo(tmp_path):
     templates = PROJECT / "skills" / "ml-experiment-loop" / "templates"
     if templates.is_dir():
         shutil.copytree(templates, path / "skills" / "ml-experiment-loop" / "templates")
-    (path / "prepare.py").write_text("# stand-in for the fixed protocol: only its hash matters here\n")
+    shutil.copy(FAKES / "prepare_standin.py", path / "prepare.py")  # its hash and its `score` matter here
     (path / "train.py").write_text("DEPTH = 8\nLR = 0.04\nBATCH = 64\n")
     (cache / "prepared").mkdir(parents=True)
     (cache / "prepared" / "prepared.json").write_text(json.dumps(
@@ -106,7 +107,7 @@ def repo(tmp_path):
 
 @pytest.fixture
 def session(repo):
-    ok(repo.run("setup", "--tag", "test"))
+    ok(repo.run("setup", "--tag", "test", "--noise-runs", "0"))
     return repo
 
 
@@ -146,7 +147,7 @@ def test_setup_creates_branch_ledger_memory_files_and_session(session):
 
 def test_setup_never_overwrites_memory_files(repo):
     (repo.path / "notes.md").write_text("my notes\n")
-    ok(repo.run("setup", "--tag", "test"))
+    ok(repo.run("setup", "--tag", "test", "--noise-runs", "0"))
     assert (repo.path / "notes.md").read_text() == "my notes\n"
 
 
@@ -162,7 +163,7 @@ def test_setup_refuses_unprepared_data_and_names_the_command(repo):
 
 
 def test_setup_records_deadline_and_max_experiments(repo):
-    ok(repo.run("setup", "--tag", "night", "--deadline", "2", "--max-experiments", "5"))
+    ok(repo.run("setup", "--tag", "night", "--deadline", "2", "--max-experiments", "5", "--noise-runs", "0"))
     status = json.loads(ok(repo.run("status", "--json")))
     assert status["max_experiments"] == 5 and status["stop_reason"] is None
     assert status["deadline"].startswith("20")
@@ -171,7 +172,7 @@ def test_setup_records_deadline_and_max_experiments(repo):
 def test_setup_moves_an_earlier_session_aside(session):
     ok(session.experiment("baseline"))
     ok(session.run("decide", "keep"))
-    ok(session.run("setup", "--tag", "second"))
+    ok(session.run("setup", "--tag", "second", "--noise-runs", "0"))
     archive = session.path / "runs" / "archive" / "test"
     assert len((archive / "results.tsv").read_text().splitlines()) == 2
     assert (archive / "session.json").exists() and list(archive.glob("0001-*"))
@@ -210,7 +211,7 @@ def test_summary_json_records_the_experiment(session):
     summary = session.summary("0002")
     assert summary["val_bpb"] == 0.98 and summary["metrics"]["num_steps"] == 3
     assert summary["commit"] == session.head() and summary["parent"] == session.git("rev-parse", "HEAD~1")
-    assert "+# deeper" in summary["diff"] and summary["description"] == "deeper"
+    assert "+IDEA = 'deeper'" in summary["diff"] and summary["description"] == "deeper"
     assert summary["seed"] == 42 and summary["profile"] == "cpu" and summary["dataset"] == "builtin"
     assert summary["timeout_s"] == 2 * 1 + 120  # twice the manifest's time budget plus the margin
     assert summary["exit_code"] == 0 and summary["triage"] is None and summary["verdict"] == "improved"
