@@ -57,7 +57,9 @@ SlurmdPidFile=$ROOT/slurmd.%n.pid
 SlurmctldLogFile=$ROOT/log/slurmctld.log
 SlurmdLogFile=$ROOT/log/slurmd.%n.log
 SlurmdParameters=config_overrides
-ProctrackType=proctrack/linuxproc
+# pgid, not linuxproc: linuxproc loses a child whose parent died first (reparented to init), so a
+# SIGTERM-ignoring dataloader worker would outlive scancel. Real clusters use proctrack/cgroup.
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
