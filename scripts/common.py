@@ -563,14 +563,17 @@ def run_logged(command, log_path, env, timeout, on_start=lambda pid: None):
 
 # Inside the new namespaces: make the run folder a mount of its own, bind the repository
 # recursively (so it carries the run folder along) and make only its top read-only; then the same
-# for the prepared data, if it lies elsewhere; then exec the command (same pid, same process group).
+# for the prepared data, if it lies elsewhere; then enter the repository again (the working
+# directory inherited from before still points into the writable mount underneath: relative
+# paths would escape), and exec the command (same pid, same process group).
 SANDBOX_SCRIPT = ('mount --bind "$1" "$1" && mount --rbind "$2" "$2" && mount -o remount,bind,ro "$2" && '
                   '{ [ -z "$3" ] || { mount --bind "$3" "$3" && mount -o remount,bind,ro "$3"; }; } && '
-                  'shift 3 && exec "$@"')
+                  'cd "$2" && shift 3 && exec "$@"')
 
 
 def sandboxed(command, writable_dir):
-    """`command` wrapped to run in the sandbox, writing only to writable_dir (inside the repository)."""
+    """`command` wrapped to run in the sandbox, writing only to writable_dir (inside the repository);
+    it starts at the repository root, as every run does."""
     data = cache_dir() / "prepared"
     data = data.resolve() if data.is_dir() else None
     extra = str(data) if data and ROOT not in data.parents and data != ROOT else ""

@@ -288,9 +288,10 @@ def run_experiment(args):
         judge(summary, [sample_of(run_dir, seed, run)] + noise_runs, rows, session)
         if summary["verdict"] in common.KEEP_VERDICTS:
             referee_samples(summary, session, manifest, rows)
-        if summary["status"] == "ok" and noise_runs:
-            common.record_noise_sample(session, run_dir.name, commit, seed, run["val_bpb"])
+        if summary["status"] == "ok" and noise_runs:  # and this run is one more sample of the noise
+            common.record_noise_sample(session, run_dir.name, commit, seed, sample_value(summary["samples"][0]))
             common.write_json_atomic(common.SESSION_FILE, session)
+            summary["noise_bpb"] = common.noise_band(session)
     return finish(summary, pending, run_dir)
 
 
