@@ -58,12 +58,13 @@ SKILL_FILE = common.ROOT / "skills" / "ml-experiment-loop" / "SKILL.md"
 # Untracked paths the human or the loop owns: never counted as files an agent created.
 HUMAN_PATHS = ("STOP", "IDEA.md", "PLAN.md", "REPORT.md", "next_proposal.json", "proposals/")
 
-SETUP, REPORT, DONE = "setup", "report", "done"
-ITERATION_STAGES = ("propose", "apply", "validate", "commit", "train", "triage", "record", "decide",
+SETUP, NOISE, REPORT, DONE = "setup", "noise", "report", "done"
+# confirm runs only when experiment.py asks for it (a marginal win is re-run under a new seed)
+ITERATION_STAGES = ("propose", "apply", "validate", "commit", "train", "triage", "confirm", "record", "decide",
                     "remember", "stop-check")
-SELECTABLE_STAGES = (SETUP, "baseline") + ITERATION_STAGES
-IMPLIED_STAGES = {"train": ("validate", "commit"), "decide": ("triage", "record")}  # checked, or one helper call
-KEEP_VERDICTS = ("baseline", "improved", "simpler")  # experiment.py's verdicts that decide.py keeps
+SELECTABLE_STAGES = (SETUP, NOISE, "baseline") + ITERATION_STAGES
+IMPLIED_STAGES = {SETUP: (NOISE,), "train": ("validate", "commit"),  # checked, or part of one helper call
+                  "decide": ("triage", "confirm", "record")}
 REPAIRABLE = ("exception",)  # a typo or a shape error: worth one repair by the agent
 STATE_VERSION = 1
 POLL_SECONDS = 0.2
@@ -73,7 +74,9 @@ DEFAULTS = {
     "agent": "random", "agent_command": None, "agent_bin": None, "agent_args": None, "max_turns": 30,
     "agent_timeout": 1800, "allow_install": False, "max_experiments": None, "hours": None, "plateau": None,
     "max_failures": 5, "seed": 0, "timeout": None, "train_command": None, "gpu": None,
+    "noise_runs": 2, "no_referee": False, "no_sandbox": False,
 }
+SETUP_FLAGS = ("noise_runs", "no_referee", "no_sandbox")  # fixed by the session: start only
 
 
 class Fatal(Exception):
@@ -205,7 +208,8 @@ class Loop:
         """Run stages until a stop; returns the exit code."""
         state = self.state
         state["process"] = {"pid": os.getpid(), **common.process_marker(), "started_at": common.now_iso()}
-        state["stop_reason"] = None
+        if state["stage"] != REPORT:  # at report, the reason found by stop-check is what the report says
+            state["stop_reason"] = None
         save_state(state)
         try:
             while state["stage"] != DONE:
@@ -267,8 +271,34 @@ class Loop:
         session = common.load_session()
         if not (session and session.get("branch") == state["branch"]):
             self.undo_half_setup()
-            args = ["--tag", state["tag"]] + (["--deadline", state["deadline"]] if state.get("deadline") else [])
+            args = ["--tag", state["tag"], "--noise-runs", "0"]  # the noise stage measures it, resumably
+            args += ["--deadline", state["deadline"]] if state.get("deadline") else []
+            args += ["--no-referee"] if self.options.get("no_referee") else []
+            args += ["--no-sandbox"] if self.options.get("no_sandbox") else []
             say(helper("setup.py", *args)[1])
+        return NOISE
+
+    def stage_noise(self):
+        """setup.py --measure-noise for the noise runs still missing: the baseline's code under other
+        seeds. Each finished run is saved in session.json, so a resume runs only the rest."""
+        state = self.state
+        wait_for_process(state.get("noise_process"))  # one left running by a killed loop
+        missing = self.options.get("noise_runs", 0) - len((common.load_session() or {}).get("noise_runs") or [])
+        if missing > 0:
+            say(f"measuring the noise: {missing} run{'s' * (missing != 1)} of the baseline under other seeds")
+            output = iteration_dir(0) / "noise.out"
+            with open(output, "wb") as handle:
+                process = subprocess.Popen([sys.executable, str(common.SCRIPTS_DIR / "setup.py"), "--measure-noise",
+                                            "--noise-runs", str(missing)], cwd=common.ROOT, stdout=handle,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            state["noise_process"] = {**common.process_marker(), "pid": process.pid}
+            save_state(state)
+            code = process.wait()
+            state["noise_process"] = None
+            text = output.read_text(errors="replace").strip()
+            say(text)
+            if code != 0:  # the baseline's code does not run: the baseline would fail the same way
+                raise Fatal(f"the noise runs of the baseline failed: {text.splitlines()[-1] if text else code}")
         self.new_iteration(0, {"source": "baseline", "description": "baseline",
                                "hypothesis": "train.py as it is: the starting point every result is compared with"})
         return "commit"
@@ -482,8 +512,26 @@ class Loop:
                "best_before": (summary.get("best_before") or {}).get("val_bpb"),
                "delta_vs_best": summary.get("delta_vs_best")}
         current["run"] = run
-        current["action"] = "keep" if run["status"] == "ok" and run["verdict"] in KEEP_VERDICTS else "discard"
-        return "record"
+        current["action"] = next_action(pending)
+        return "confirm" if current["action"] == "confirm" else "record"
+
+    def stage_confirm(self):
+        """A marginal win: experiment.py --confirm re-runs it under a new seed and judges the mean;
+        then triage reads the new verdict. A confirmation left running by a killed loop is waited for."""
+        pending = common.load_pending()
+        while pending and common.pending_state(pending) == "running":
+            time.sleep(POLL_SECONDS * 5)
+            pending = common.load_pending()
+        if pending and pending.get("next") == common.CONFIRM_COMMAND:
+            args = ["--confirm"]
+            for flag, key in (("--timeout", "timeout"), ("--train-command", "train_command")):
+                if self.options.get(key) is not None:
+                    args += [flag, str(self.options[key])]
+            code, output = helper("experiment.py", *args, check=False)
+            say(output)
+            if code == 2:
+                raise Fatal(f"experiment.py --confirm refused: {output}")
+        return "triage"
 
     def stage_record(self):
         write_iteration_record(self.state)
@@ -552,7 +600,9 @@ class Loop:
         return DONE
 
     def write_report(self):
-        if common.experiments(common.read_ledger()):
+        plot, ledger = common.PROGRESS_PLOT, common.LEDGER_FILE
+        stale = not plot.exists() or (ledger.exists() and ledger.stat().st_mtime >= plot.stat().st_mtime)
+        if stale and common.experiments(common.read_ledger()):  # plot.py costs seconds: only for new rows
             code, output = helper("plot.py", check=False)
             if code != 0:
                 say(f"progress.png not drawn: {output}")
@@ -634,6 +684,22 @@ class Loop:
 
 # ---------------------------------------------------------------------------
 # Stop conditions
+
+
+def next_action(pending):
+    """keep, discard or confirm: what experiment.py says comes next (pending.json's `next`); a run
+    that never finished is discarded (decide.py records it as a crash)."""
+    step = pending.get("next") if common.pending_state(pending) == "finished" else None
+    if step == common.CONFIRM_COMMAND:
+        return "confirm"
+    return "keep" if step == common.KEEP_COMMAND else "discard"
+
+
+def wait_for_process(marker):
+    """Wait while the process a marker names runs on this machine (a child of an earlier, killed loop)."""
+    while marker and marker.get("boot_id") == common.boot_id() and marker.get("host") == os.uname().nodename \
+            and common.pid_alive(marker["pid"]):
+        time.sleep(POLL_SECONDS * 5)
 
 
 def experiments_after_baseline(rows):
@@ -1031,6 +1097,17 @@ def add_run_options(parser, defaults):
                        help="pin this loop's training to one GPU (CUDA_VISIBLE_DEVICES), one lane per GPU")
 
 
+def add_session_options(parser):
+    """setup.py's choices for the session, fixed at start."""
+    parser.add_argument("--noise-runs", type=int, metavar="N", default=DEFAULTS["noise_runs"],
+                        help=f"measure the noise with N runs of the baseline under other seeds before the loop "
+                        f"(setup.py's --noise-runs; default {DEFAULTS['noise_runs']}, 0 skips it)")
+    parser.add_argument("--no-referee", action="store_true",
+                        help="do not re-score keep candidates with prepare.py (setup.py's --no-referee)")
+    parser.add_argument("--no-sandbox", action="store_true",
+                        help="train without the sandbox (setup.py's --no-sandbox)")
+
+
 def add_control_options(parser):
     parser.add_argument("--stages", metavar="LIST",
                         help=f"run only these stages, comma-separated, then pause: {', '.join(SELECTABLE_STAGES)}. "
@@ -1100,6 +1177,8 @@ def command_start(args, argv):
     options = {key: getattr(args, key) for key in DEFAULTS}
     options["allow_install"] = bool(args.allow_install)
     check_agent(options)
+    if options["noise_runs"] < 0:
+        raise common.Refusal("--noise-runs must be 0 or more")
     stages = parse_stages(args.stages)
     changed = common.changed_tracked_files()
     if changed:
@@ -1132,6 +1211,7 @@ def command_start(args, argv):
         "start_commit": common.head_commit(), "start_branch": common.current_branch(),
         "started_at": common.now_iso(), "stage": SETUP, "iteration": 0, "current": None,
         "failures_in_a_row": 0, "tried": [], "installed": [], "stop_reason": None, "agent_process": None,
+        "noise_process": None,
     }
     save_state(state)
     say(f"loop {tag}: agent {options['agent']}, {describe_limits(state, [])}")
@@ -1142,7 +1222,8 @@ def command_resume(args, argv):
     state = load_state()
     if state is None:
         raise common.Refusal("nothing to resume: no runs/loop/state.json here (uv run scripts/loop.py start)")
-    overrides = {key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None}
+    overrides = {key: getattr(args, key) for key in DEFAULTS
+                 if key not in SETUP_FLAGS and getattr(args, key) is not None}
     options = dict(state["options"], **overrides)
     check_agent(options)
     stages = parse_stages(args.stages)
@@ -1197,6 +1278,7 @@ def main(argv=None):
                        "default climbmix; offline: builtin)")
     start.add_argument("--profile", help="prepare for this profile (prepare.py's --profile; default auto)")
     add_run_options(start, defaults=True)
+    add_session_options(start)
     add_control_options(start)
     resume = commands.add_parser("resume", help="carry on from runs/loop/state.json after a stop, crash or kill")
     add_run_options(resume, defaults=False)

@@ -1,0 +1,131 @@
+"""The headless loop driving agent CLIs: fake ones that behave like `claude -p ... --output-format
+json` (tests/fixtures/fake_agents) for every way an agent call can go wrong, and a generic
+command template. The real Claude Code CLI is in test_loop_claude_cli.py."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loop_repo import description, AGENTS, LoopRepo, agent, check_consistent, ok
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return LoopRepo(tmp_path / "repo")
+
+
+def claude_fake(name, *extra):
+    return ["--agent", "claude", "--agent-bin", agent(name), *extra]
+
+
+def test_a_good_agent_is_recorded_with_its_cost_and_writes_the_plan_from_idea_md(repo):
+    (repo.path / "IDEA.md").write_text("Find the best learning rates for the cpu profile.\n")
+    ok(repo.start(*claude_fake("raises_lr.py"), "--max-experiments", "2"))
+    rows = check_consistent(repo)
+    assert [description(row) for row in rows[1:]] == ["matrix lr 0.03 -> 0.045", "matrix lr 0.045 -> 0.0675"]
+    assert [row[3] for row in rows] == ["keep", "keep", "keep"]  # towards the fake trainer's optimum
+    call = repo.record(1)["agent_calls"][0]
+    assert call["cost_usd"] == 0.0125 and call["turns"] == 3 and call["error"] is None
+    assert call["command"][:2] == [agent("raises_lr.py"), "-p"] and call["command"][2].endswith(".prompt.md")
+    assert "--output-format" in call["command"] and "--max-turns" in call["command"]
+    prompt = (repo.path / call["prompt_file"]).read_text()
+    assert '"plan"' in prompt and "Find the best learning rates" in prompt and "# program.md: how this research org works" in prompt
+    assert "Edit train.py only" in prompt and "\tkeep\tbaseline" in prompt
+    assert (repo.path / "PLAN.md").read_text().startswith("1. Tune MATRIX_LR upwards.")
+    second = (repo.path / repo.record(2)["agent_calls"][0]["prompt_file"]).read_text()
+    assert '"plan"' not in second and "Follow PLAN.md" in second and "[loop 0001] matrix lr 0.03 -> 0.045" in second
+    assert "cost: $0.0250" in repo.report()
+
+
+def test_an_agent_that_breaks_train_py_gets_one_repair_then_the_idea_is_discarded(repo):
+    ok(repo.start(*claude_fake("breaks_train.py"), "--max-experiments", "2"))
+    rows = check_consistent(repo)
+    assert [(row[3], description(row)) for row in rows[1:]] == [("crash", "matrix lr 0.05 (broken)"),
+                                                      ("crash", "matrix lr 0.05 (broken) (repair)")]
+    record = repo.record(1)
+    assert [call["kind"] for call in record["agent_calls"]] == ["propose", "repair"]
+    assert record["outcome"] == "crash" and len(record["runs"]) == 2
+    repair_prompt = (repo.path / record["agent_calls"][1]["prompt_file"]).read_text()
+    assert "crashed: exception: SyntaxError" in repair_prompt
+    assert repo.git("rev-parse", "HEAD").startswith(rows[0][0])  # back at the baseline
+
+
+def test_a_repair_that_works_is_judged_like_any_experiment(repo):
+    ok(repo.start(*claude_fake("breaks_train.py"), "--max-experiments", "2", env={"FAKE_REPAIR": "fix"}))
+    rows = check_consistent(repo)
+    assert [row[3] for row in rows[1:]] == ["crash", "keep"] and description(rows[2]) == "matrix lr 0.05 (broken) (repair)"
+
+
+def test_an_agent_that_edits_prepare_py_is_rejected(repo):
+    before = (repo.path / "prepare.py").read_text()
+    output = ok(repo.start(*claude_fake("edits_prepare.py"), "--max-failures", "2"))
+    assert "2 iterations in a row without a result" in output
+    rows = check_consistent(repo)
+    assert len(rows) == 1 and (repo.path / "prepare.py").read_text() == before
+    for number in (1, 2):
+        record = repo.record(number)
+        assert record["outcome"] == "rejected" and "changed prepare.py: only train.py may change" in record["reason"]
+    assert "- 0002 rejected: it changed prepare.py" in repo.report()
+
+
+def test_an_agent_that_hangs_is_killed_at_its_limit(repo, tmp_path):
+    pids = tmp_path / "agent-pids"
+    started = time.monotonic()
+    ok(repo.start(*claude_fake("hangs.py", "--agent-timeout", "2"), "--max-failures", "1",
+                 env={"FAKE_PID_FILE": str(pids)}))
+    assert time.monotonic() - started < 60
+    call = repo.record(1)["agent_calls"][0]
+    assert call["timed_out"] and "no answer within --agent-timeout 2" in call["error"]
+    for pid in map(int, pids.read_text().split()):
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] in "ZX", pid
+    assert len(check_consistent(repo)) == 1
+
+
+def test_malformed_json_is_a_clear_error_and_the_iteration_is_recorded(repo):
+    ok(repo.start(*claude_fake("malformed.py"), "--max-failures", "1"))
+    record = repo.record(1)
+    assert record["outcome"] == "agent_error"
+    assert record["reason"].startswith('the answer has no JSON object {"hypothesis": "...", "description": "..."}')
+    assert "I raised the matrix learning rate" in record["reason"]
+    assert len(check_consistent(repo)) == 1 and repo.git("status", "--porcelain") == ""
+    notes = (repo.path / "notes.md").read_text()
+    assert "### ANALYSIS: [loop 0001]" in notes and "not run: agent_error" in notes
+
+
+def test_a_command_template_gets_the_prompt_file_and_its_plain_json_answer_counts(repo):
+    template = f"{sys.executable} {AGENTS / 'raises_lr.py'} --prompt-file {{prompt_file}}"
+    ok(repo.start("--agent-command", template, "--max-experiments", "1", env={"FAKE_PLAIN": "1"}))
+    rows = check_consistent(repo)
+    assert description(rows[1]) == "matrix lr 0.03 -> 0.045"
+    call = repo.record(1)["agent_calls"][0]
+    assert call["command"][-1].endswith("agent-1.prompt.md") and call.get("cost_usd") is None
+    assert repo.state()["options"]["agent"] == "command"
+
+
+def test_queued_instructions_go_to_the_agent(repo):
+    (repo.path / "next_proposal.json").write_text(json.dumps(
+        {"description": "human: higher matrix lr", "instructions": "Raise MATRIX_LR by half."}))
+    ok(repo.start(*claude_fake("raises_lr.py"), "--max-experiments", "1"))
+    rows = check_consistent(repo)
+    assert description(rows[1]) == "human: higher matrix lr"
+    prompt = (repo.path / repo.record(1)["agent_calls"][0]["prompt_file"]).read_text()
+    assert "The human queued this experiment for you" in prompt and "Raise MATRIX_LR by half." in prompt
+
+
+def test_the_agent_runs_headless_and_without_install_rights_unless_allowed(repo, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import json, os\n"
+                     f"json.dump({{k: os.environ.get(k) for k in ('AUTORESEARCH_HEADLESS', 'AUTORESEARCH_ALLOW_INSTALL')}},"
+                     f" open({str(tmp_path / 'env.json')!r}, 'w'))\n"
+                     "print('no edit')\n")
+    os.chmod(probe, 0o755)
+    ok(repo.start("--agent-command", f"{sys.executable} {probe}", "--max-failures", "1"))
+    assert json.loads((tmp_path / "env.json").read_text()) == {"AUTORESEARCH_HEADLESS": "1",
+                                                              "AUTORESEARCH_ALLOW_INSTALL": None}
+    ok(repo.loop("resume", "--allow-install", "--max-failures", "2"))
+    assert json.loads((tmp_path / "env.json").read_text())["AUTORESEARCH_ALLOW_INSTALL"] == "1"
+    assert "(--allow-install)" in repo.report()

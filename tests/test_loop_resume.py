@@ -1,0 +1,111 @@
+"""kill -9 of the headless loop at every stage, then resume: no ledger row lost or duplicated,
+the branch at the best kept commit, nothing left running.
+
+The loop kills itself with a real SIGKILL where AUTORESEARCH_LOOP_KILL_AT=STAGE:ITERATION says,
+right after recording that stage and before doing its work (at `train`, experiment.py is already
+training and survives its loop, as it would a real kill). Another test kills the loop's whole
+process group from outside in the middle of a training run."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from loop_repo import description, LoopRepo, agent, check_consistent, ok
+
+BASELINE_STAGES = ["commit", "train", "triage", "record", "decide", "remember", "stop-check"]
+ITERATION_STAGES = ["propose", "apply", "validate"] + BASELINE_STAGES
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return LoopRepo(tmp_path / "repo")
+
+
+def kill_at(repo, command, stage, iteration, env=None):
+    result = repo.loop(*command, env=dict(env or {}, AUTORESEARCH_LOOP_KILL_AT=f"{stage}:{iteration}"))
+    assert result.returncode == -signal.SIGKILL, (stage, iteration, result.stdout, result.stderr)
+    state = repo.state()
+    assert (state["stage"], state["iteration"]) == (stage, iteration)
+
+
+def resume_after_every_kill(repo, proposer, env=None):
+    points = [("setup", 0), ("noise", 0)] + [(stage, 0) for stage in BASELINE_STAGES]
+    points += [(stage, number) for number in (1, 2) for stage in ITERATION_STAGES] + [("report", 3)]
+    command = ["start", "--no-referee", "--noise-runs", "2", *proposer, "--max-experiments", "2", "--tag", "killed"]
+    for stage, iteration in points:
+        kill_at(repo, command, stage, iteration, env)
+        command = ["resume"]
+    ok(repo.loop("resume", env=env))
+    assert repo.state()["stage"] == "done"
+    rows = check_consistent(repo)
+    assert len(rows) == 3, rows
+    commits = [record["runs"][-1]["commit"][:7] for record in map(repo.record, (0, 1, 2))]
+    assert commits == [row[0] for row in rows]
+    return rows
+
+
+def test_kill_9_at_every_stage_with_the_random_proposer(repo):
+    rows = resume_after_every_kill(repo, ["--agent", "random"])
+    assert "Stopped: --max-experiments 2 reached" in repo.report()
+    notes = (repo.path / "notes.md").read_text()
+    assert notes.count("### ANALYSIS: [loop 0001]") == 1 and notes.count("### REASONING: [loop 0002]") == 1
+    assert description(rows[0]) == "baseline"
+
+
+def test_kill_9_at_every_stage_with_an_agent(repo):
+    rows = resume_after_every_kill(repo, ["--agent", "claude", "--agent-bin", agent("raises_lr.py")])
+    assert [description(row) for row in rows[1:]] == ["matrix lr 0.03 -> 0.045", "matrix lr 0.045 -> 0.0675"]
+
+
+def pid_gone(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_kill_9_of_the_whole_loop_mid_training_records_the_run_as_a_crash(repo, tmp_path):
+    slow = tmp_path / "slow"
+    loop = repo.spawn("start", "--no-referee", "--noise-runs", "0", "--max-experiments", "2", env={"FAKE_SLOW_FILE": str(slow)})
+    try:
+        repo.wait_for(lambda: (repo.path / "results.tsv").exists() and len(repo.rows()) == 1, what="the baseline")
+        slow.write_text("60")
+        repo.wait_for(lambda: (repo.pending() or {}).get("training_pgid"), what="training in flight")
+        training = repo.pending()["training_pgid"]
+        os.killpg(loop.pid, signal.SIGKILL)  # the loop and its experiment.py; training has its own group
+        loop.wait(timeout=10)
+    finally:
+        if loop.poll() is None:
+            os.killpg(loop.pid, signal.SIGKILL)
+    assert not pid_gone(training)  # orphaned, still training
+    slow.write_text("0")
+    ok(repo.loop("resume"))
+    rows = check_consistent(repo)
+    assert [row[3] for row in rows] == ["keep", "crash", rows[2][3]] and len(rows) == 3
+    assert repo.record(1)["runs"][0]["triage"] in ("interrupted", "signal")
+    time.sleep(0.5)
+    assert pid_gone(training)
+
+
+def test_resume_stops_an_agent_left_running_by_a_killed_loop(repo, tmp_path):
+    pids = tmp_path / "agent-pids"
+    env = {"FAKE_PID_FILE": str(pids)}
+    loop = repo.spawn("start", "--no-referee", "--noise-runs", "0", "--agent", "claude", "--agent-bin", agent("hangs.py"), "--max-failures", "1", env=env)
+    try:
+        repo.wait_for(pids.exists, what="the agent")
+        os.kill(loop.pid, signal.SIGKILL)  # the loop alone: its agent, in its own group, lives on
+        loop.wait(timeout=10)
+    finally:
+        if loop.poll() is None:
+            os.killpg(loop.pid, signal.SIGKILL)
+    agent_pids = [int(pid) for pid in pids.read_text().split()]
+    assert not any(pid_gone(pid) for pid in agent_pids)
+    state = repo.state()
+    assert state["stage"] == "propose" and state["agent_process"]["pgid"] == agent_pids[0]
+    ok(repo.loop("resume", "--agent-timeout", "1"))
+    assert all(pid_gone(pid) for pid in agent_pids)
+    assert json.loads((repo.path / "runs" / "loop" / "0001" / "iteration.json").read_text())["outcome"] == "agent_error"
