@@ -1,7 +1,7 @@
 """What the experiment helpers cost around one experiment, and what a flood of output costs the console.
 
 Builds a throw-away git repository with a copy of scripts/ and a trivial training script, then
-times experiment.py + decide.py (commit, launch, wait, parse, write summary, record the row,
+times experiment.py + decide.py (commit, launch in the sandbox, wait, parse, write summary, record the row,
 reset) for several experiments and subtracts the time the training script takes on its own.
 Target: under 0.5 s per experiment. Then runs a training script that prints 50 MB and counts
 the bytes experiment.py put on the console (limit: 300).
@@ -38,7 +38,7 @@ def make_repository(root):
     repo, cache = root / "repo", root / "cache"
     shutil.copytree(PROJECT / "scripts", repo / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT / ".gitignore", repo)
-    (repo / "prepare.py").write_text("# stand-in protocol\n")
+    shutil.copy(FAKES / "prepare_standin.py", repo / "prepare.py")  # scores the fakes' "models" without torch
     (repo / "train.py").write_text("LR = 0.04\n")
     (cache / "prepared").mkdir(parents=True)
     (cache / "prepared" / "prepared.json").write_text(json.dumps(
@@ -59,12 +59,12 @@ def main():
     with tempfile.TemporaryDirectory() as temporary:
         repo, env = make_repository(Path(temporary))
         env["AUTORESEARCH_TRAIN_COMMAND"] = shlex.join(train)
-        timed([python, "scripts/setup.py", "--tag", "bench"], repo, env)
+        timed([python, "scripts/setup.py", "--tag", "bench", "--noise-runs", "0"], repo, env)
         training = statistics.median(timed(train, repo, env)[0] for _ in range(args.experiments))
         experiment_times, decide_times = [], []
         for number in range(args.experiments):
             with open(repo / "train.py", "a") as f:
-                f.write(f"# idea {number}\n")  # so that every experiment commits
+                f.write(f"IDEA = {number}\n")  # so that every experiment commits a change of code
             seconds, _ = timed([python, "scripts/experiment.py", f"idea {number}"], repo, env)
             experiment_times.append(seconds)
             seconds, _ = timed([python, "scripts/decide.py", "keep" if number == 0 else "discard"], repo, env)
@@ -77,7 +77,7 @@ def main():
               f"script itself; decide.py discard {decide_s:.3f} s")
 
         with open(repo / "train.py", "a") as f:
-            f.write("# flood\n")
+            f.write("IDEA = 'flood'\n")
         flood = shlex.join([python, str(FAKES / "flood.py"), "50"])
         seconds, result = timed([python, "scripts/experiment.py", "flood", "--train-command", flood], repo, env)
         console = len(result.stdout.encode()) + len(result.stderr.encode())

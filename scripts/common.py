@@ -11,6 +11,7 @@ Usage (from another script in scripts/ or from a hook):
     best = common.best_kept(rows)
 """
 
+import ast
 import datetime
 import fcntl
 import hashlib
@@ -321,18 +322,38 @@ def keep_margin(runs):
 
 
 # A diff line that only seeds, prints, logs or comments cannot make a model better.
-COSMETIC_LINE = re.compile(r"seed|^\s*(print\(|log(ging|ger)?\.|sys\.(stdout|stderr)\.|wandb\.log)", re.IGNORECASE)
+OUTPUT_CALL = re.compile(r"^(print|(logging|logger|log|wandb|sys\.stdout|sys\.stderr)\..+)$")
+
+
+def is_cosmetic_line(text):
+    """A line that is blank, a comment, one print/logging call, one call of a seeding function, or
+    one assignment to a seed. Part of a longer statement (it does not parse alone) counts as code."""
+    try:
+        body = ast.parse(text.strip()).body
+    except SyntaxError:
+        return False
+    if not body:
+        return True
+    if len(body) != 1 or any(isinstance(node, ast.NamedExpr) for node in ast.walk(body[0])):
+        return False
+    statement = body[0]
+    if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call):
+        name = ast.unparse(statement.value.func)
+        return bool(OUTPUT_CALL.match(name)) or "seed" in name.lower()
+    if isinstance(statement, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+        targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+        return all("seed" in ast.unparse(target).lower() for target in targets)
+    return False
 
 
 def classify_change(diff):
-    """'none' (empty diff: a re-run), 'cosmetic' (every changed line is blank, a comment, or touches
-    seeds, printing or logging) or 'code'."""
+    """'none' (empty diff: a re-run), 'cosmetic' (every changed line is blank, a comment, or only
+    seeds, prints or logs) or 'code'."""
     changed = [line[1:] for line in diff.splitlines()
                if line[:1] in "+-" and not line.startswith(("+++", "---"))]
     if not changed:
         return "none"
-    meaningful = [line for line in changed if line.split("#", 1)[0].strip()]
-    return "cosmetic" if all(COSMETIC_LINE.search(line) for line in meaningful) else "code"
+    return "cosmetic" if all(is_cosmetic_line(line) for line in changed) else "code"
 
 
 def verdict(val_bpb, best_val_bpb, noise, lines, parent_lines, runs=1, change="code"):

@@ -74,8 +74,8 @@ def workspace(tmp_path):
 
 def start_session(root, env):
     """A research session, started by the real setup helper."""
-    result = subprocess.run([sys.executable, "scripts/setup.py", "--tag", "clitest"], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "scripts/setup.py", "--tag", "clitest", "--noise-runs", "0",
+                             "--no-referee"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
 

@@ -102,6 +102,52 @@ def test_verdict_and_keep_rule():
     assert common.verdict(1.01, 1.0, noise, 5, 10) == "not improved"  # shorter, but beyond the noise
     assert common.keep_allowed(1.0005, 1.0, noise, 9, 10) and not common.keep_allowed(1.0005, 1.0, noise, 10, 10)
     assert common.noise_band({"noise_bpb": 0.004}) == 0.004 and common.noise_band({}) == noise
+    assert common.noise_band({"noise_bpb": 0.0}) == common.MIN_NOISE_BPB  # a spread measured as nothing
+
+
+def test_a_win_under_the_margin_is_marginal_until_the_mean_of_two_runs_clears_it():
+    noise = 0.001  # one run must win by 3 noise units; the mean of two by 3 / sqrt(2) = 2.12
+    assert common.verdict(0.997, 1.0, noise, 10, 10) == "improved"
+    assert common.verdict(0.9975, 1.0, noise, 10, 10) == "marginal"
+    assert not common.keep_allowed(0.9975, 1.0, noise, 10, 10)
+    assert common.verdict(0.9978, 1.0, noise, 10, 10, runs=2) == "confirmed"
+    assert common.verdict(0.9980, 1.0, noise, 10, 10, runs=2) == "not confirmed"
+    assert common.verdict(1.001, 1.0, noise, 10, 10, runs=2) == "not improved"
+    assert common.verdict(0.9, 1.0, noise, 10, 10, change="cosmetic") == "cosmetic"
+    assert common.verdict(0.9, 1.0, noise, 10, 10, change="none") == "rerun"
+    assert common.verdict(0.9, None, noise, 10, 10, change="none") == "baseline"
+
+
+@pytest.mark.parametrize("lines, kind", [
+    ([], "none"),
+    (["-torch.manual_seed(42)", "+torch.manual_seed(43)"], "cosmetic"),
+    (["+SEED_OFFSET = 1  # try another", '+os.environ["AUTORESEARCH_SEED"] = "7"'], "cosmetic"),
+    (["+    print(f'step {step}')", "+logger.info('x')", "+", "+# why"], "cosmetic"),
+    (["-LR = 0.04", "+LR = 0.05"], "code"),
+    (["+print('lr'); LR = 0.05"], "code"),  # a print that is not only a print
+    (["+LR = 0.05 if seed else 0.04"], "code"),
+    (["+print(LR := 0.05)"], "code"),
+    (["+    print(f'loss {x}',", "+          f'more {y}')"], "code"),  # a continuation line is not recognised: counted as code
+])
+def test_classify_change(lines, kind):
+    diff = "--- a/train.py\n+++ b/train.py\n@@ -1 +1 @@\n" + "\n".join(lines) if lines else ""
+    assert common.classify_change(diff) == kind
+
+
+def test_pooled_noise_is_the_spread_within_each_commit():
+    assert common.pooled_noise([("a", 1.0)]) is None
+    assert common.pooled_noise([("a", 1.001), ("a", 0.999)]) == pytest.approx(0.001414, abs=1e-6)
+    # Two commits at different levels: only the spread within each counts.
+    assert common.pooled_noise([("a", 1.0), ("a", 1.002), ("b", 0.5), ("b", 0.502)]) == pytest.approx(0.001414, abs=1e-6)
+
+
+def test_referee_verdict_tolerance():
+    scored = {"status": "scored", "bpb": 1.0, "detail": None, "seconds": 1.0, "log": "x"}
+    assert common.referee_verdict(1.0 + common.REFEREE_TOLERANCE_BPB / 2, scored)["status"] == "verified"
+    caught = common.referee_verdict(0.5, scored)
+    assert caught["status"] == "invalid" and "printed val_bpb 0.500000" in caught["detail"]
+    assert common.referee_verdict(1.0, dict(scored, status="failed", detail="no model.pt2"))["status"] == "unverified"
+    assert common.referee_verdict(1.0, dict(scored, status="invalid", detail="invalid: not causal"))["status"] == "invalid"
 
 
 def test_stop_reason_reads_the_session_limits():

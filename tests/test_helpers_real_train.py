@@ -21,6 +21,12 @@ def run(args, cwd, env):
     return result.stdout
 
 
+def session_sandbox(repo):
+    session = json.loads((repo / "runs" / "session.json").read_text())
+    return "on" if session["sandbox"] == "on" else session["sandbox"] + (
+        f": {session['sandbox_problem']}" if session["sandbox"] == "unavailable" else "")
+
+
 def test_setup_experiment_decide_status_plot_with_the_real_train_py(tmp_path, builtin_cache):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -34,7 +40,7 @@ def test_setup_experiment_decide_status_plot_with_the_real_train_py(tmp_path, bu
     for key in ("AUTORESEARCH_TRAIN_COMMAND", "AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE"):
         env.pop(key, None)
 
-    run(["scripts/setup.py", "--tag", "real"], repo, env)
+    run(["scripts/setup.py", "--tag", "real", "--noise-runs", "0"], repo, env)
     line = run(["scripts/experiment.py", "baseline"], repo, env)
     assert line.startswith("0001 ") and "baseline" in line and len(line.splitlines()) == 1
     run(["scripts/decide.py", "keep"], repo, env)
@@ -44,6 +50,13 @@ def test_setup_experiment_decide_status_plot_with_the_real_train_py(tmp_path, bu
     assert summary["status"] == "ok" and 0 < summary["val_bpb"] < 20
     assert summary["metrics"]["num_steps"] > 0 and summary["profile"] == "cpu"
     assert summary["decision"]["status"] == "keep"
+    # The referee re-scored the model train.py saved, in a fresh process, to the same number.
+    (sample,) = summary["samples"]
+    assert summary["referee"] == "verified" and abs(sample["referee"]["bpb"] - sample["val_bpb"]) < 1e-5
+    assert (run_dir / "model.pt2").exists() and summary["sandbox"] == session_sandbox(repo)
+    # A new best: its model was scored on the held-out test split too, out of the agent's sight.
+    (heldout,) = json.loads((repo / "runs" / "heldout.json").read_text())
+    assert heldout["id"] == "0001" and 0 < heldout["test_bpb"] < 20 and heldout["error"] is None
     status = json.loads(run(["scripts/status.py", "--json"], repo, env))
     assert status["best"]["val_bpb"] == round(summary["val_bpb"], 6)
     run(["scripts/plot.py"], repo, env)
