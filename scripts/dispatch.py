@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import shlex
+import secrets
 import signal
 import subprocess
 import sys
@@ -75,9 +76,10 @@ def jobs_dir(root):
     return Path(root) / JOBS_DIRECTORY
 
 
-def job_key(commit, seed, command, backend):
-    """The same experiment (commit, seed, command) on the same backend gives the same key."""
-    text = "\0".join([commit, str(seed), shlex.join(command), backend])
+def job_key(root, commit, seed, command, backend):
+    """The same experiment (commit, seed, command) of one worktree on one backend gives the same key.
+    Lanes start from the same commit: the worktree keeps their keys apart."""
+    text = "\0".join([str(root), commit, str(seed), shlex.join(command), backend])
     return f"{commit[:7]}-s{seed}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
@@ -329,7 +331,7 @@ def dispatch(backend_name, options, command, root=common.ROOT):
     run when there is one; returns the job's exit code."""
     seed = os.environ.get("AUTORESEARCH_SEED", "42")
     commit = common.git("rev-parse", "HEAD")
-    key = job_key(commit, seed, command, backend_name)
+    key = job_key(root, commit, seed, command, backend_name)
     path = jobs_dir(root) / f"{key}.json"
     record = common.read_json(path)
     backend = {"slurm": Slurm, "ray": Ray}[backend_name](options)
@@ -345,7 +347,8 @@ def dispatch(backend_name, options, command, root=common.ROOT):
             say(f"attached to {backend.describe(record)}, submitted {record['submitted_at']} by an interrupted run")
         else:
             attempt = (record or {}).get("attempt", 0) + (0 if record and record["state"] == "submitting" else 1)
-            record = {"key": key, "name": f"autoresearch-{key}-{attempt}", "attempt": attempt,
+            # A random part too: a worktree made again at the same path must not meet its old job names.
+            record = {"key": key, "name": f"autoresearch-{key}-{attempt}-{secrets.token_hex(3)}", "attempt": attempt,
                       "backend": backend_name, "options": options, "commit": commit, "seed": seed,
                       "command": command, "worktree": str(root), "state": "submitting",
                       "submitted_at": common.now_iso()}

@@ -1,0 +1,140 @@
+"""Lanes on a real Ray cluster through the Jobs API: scripts/cluster/ray_local.sh's head and second
+node, two fake GPUs each.
+
+Skipped when no Jobs API answers at $RAY_ADDRESS (default http://127.0.0.1:8265), except in CI
+(AUTORESEARCH_REQUIRE_CLUSTER=1). HOME is a temporary folder (the Ray client writes under it).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lanes_repo import FAKE_TRAIN, RAY_ADDRESS, LanesRepo, overlapping, pid_gone, ray_up, require_cluster, wait_for
+
+PASS_THROUGH = ["--env", "FAKE_TRACE", "--env", "FAKE_SECONDS", "--env", "FAKE_HANG"]
+
+
+@pytest.fixture
+def repo(tmp_path):
+    require_cluster("Ray", ray_up(), "bash scripts/cluster/ray_local.sh up; export RAY_ADDRESS=http://127.0.0.1:8265")
+    return LanesRepo(tmp_path / "repo")
+
+
+@pytest.fixture(scope="module")
+def client():
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(RAY_ADDRESS)
+
+
+def our_jobs(client, repo):
+    """{submission id: status} of this test's jobs (their metadata names a worktree of this test)."""
+    return {job.submission_id: str(job.status.value) for job in client.list_jobs()
+            if str(repo.path.parent) in (job.metadata or {}).get("worktree", "")}
+
+
+def active(jobs):
+    return {name: status for name, status in jobs.items() if status in ("PENDING", "RUNNING")}
+
+
+def test_four_lanes_on_four_gpus_record_every_experiment_in_its_own_lane(repo, client):
+    # The baselines only (Ray starts a job in seconds, not milliseconds): four jobs at once.
+    repo.env["FAKE_SECONDS"] = "4"
+    repo.lanes("start", "4", "--backend", "ray", "--tag", "r", "--train-command", FAKE_TRAIN, *PASS_THROUGH,
+               "--", "--stages", "setup,baseline", "--timeout", "90")
+    status = repo.wait_until_stopped(timeout=120)
+    lanes = repo.lane_paths("r")
+    assert status["experiments"] == 4
+    runs = [run for run in repo.traces() if run["event"] == "run"]
+    assert len(runs) == 4
+    for lane in lanes:
+        rows, records = repo.rows(lane), repo.job_records(lane)
+        assert len(rows) == 1 and len(records) == 1 and records[0]["state"] == "done"
+        names = {record["name"] for record in records}
+        assert sum(run["job"] in names for run in runs) == 1  # this lane's run came from this lane's job
+        for record in records:
+            assert client.get_job_info(record["name"]).metadata["worktree"] == str(lane)
+        for run_log in lane.glob("runs/[0-9][0-9][0-9][0-9]-*/run.log"):
+            assert "dispatch: submitted ray job" in run_log.read_text()
+    # Runs at the same time never shared a GPU: (the node Ray ran the job on, CUDA_VISIBLE_DEVICES).
+    for run in runs:
+        run["node"] = client.get_job_info(run["job"]).driver_node_id
+    for first, second in overlapping(runs):
+        assert (first["node"], first["gpu"]) != (second["node"], second["gpu"])
+    assert not active(our_jobs(client, repo))
+    assert "4 experiments" in repo.lanes("status")
+
+
+def start_hung_job(repo, name):
+    path = repo.path.parent / name
+    repo.git("worktree", "add", "-q", "--detach", str(path), "HEAD")
+    return subprocess.Popen([sys.executable, "scripts/dispatch.py", "--backend", "ray", *PASS_THROUGH, "--",
+                             *FAKE_TRAIN.split()], cwd=path, env=dict(repo.env, FAKE_HANG="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_a_fifth_job_waits_for_a_gpu_and_sigterm_stops_every_job(repo, client):
+    dispatchers = [start_hung_job(repo, f"w{k}") for k in range(5)]
+    try:
+        assert wait_for(lambda: sorted(our_jobs(client, repo).values()) == ["PENDING"] + ["RUNNING"] * 4
+                        and len(repo.traces()) == 4, timeout=90), our_jobs(client, repo)
+        time.sleep(3)  # still waiting: a GPU is never shared
+        assert sorted(our_jobs(client, repo).values()) == ["PENDING"] + ["RUNNING"] * 4
+        hung = repo.traces()
+        nodes = {run["job"]: client.get_job_info(run["job"]).driver_node_id for run in hung}
+        assert len({(nodes[run["job"]], run["gpu"]) for run in hung}) == 4
+    finally:
+        for process in dispatchers:
+            process.send_signal(signal.SIGTERM)
+        codes = [process.wait(timeout=30) for process in dispatchers]
+    assert codes == [128 + signal.SIGTERM] * 5
+    assert wait_for(lambda: not active(our_jobs(client, repo)), timeout=30), our_jobs(client, repo)
+    pids = [pid for run in hung for pid in (run["pid"], run["child"])]
+    assert wait_for(lambda: all(pid_gone(pid) for pid in pids), timeout=30)  # the SIGTERM-ignoring child too
+
+
+def test_a_hung_run_is_stopped_at_the_experiment_timeout(repo, client):
+    train = f"{sys.executable} scripts/dispatch.py --backend ray {' '.join(PASS_THROUGH)} -- {FAKE_TRAIN}"
+    env = {"AUTORESEARCH_TRAIN_COMMAND": train, "FAKE_HANG": "1"}
+    assert repo.run("setup", "--tag", "hang", env=env).returncode == 0
+    result = repo.run("experiment", "hangs", "--timeout", "15", env=env)
+    assert result.returncode == 1 and "timeout" in result.stdout, result.stdout + result.stderr
+    (record,) = repo.job_records(repo.path)
+    assert record["state"] == "cancelled"
+    assert our_jobs(client, repo)[record["name"]] == "STOPPED"
+    hung = wait_for(lambda: repo.traces(), timeout=5)
+    assert hung and wait_for(lambda: pid_gone(hung[0]["pid"]) and pid_gone(hung[0]["child"]), timeout=20)
+
+
+def test_kill_9_of_the_loop_then_resume_submits_nothing_twice(repo, client):
+    repo.env["FAKE_SECONDS"] = "4"
+    repo.lanes("start", "1", "--backend", "ray", "--tag", "k", "--train-command", FAKE_TRAIN, *PASS_THROUGH,
+               "--", "--max-experiments", "1", "--timeout", "90")
+    (lane,) = repo.lane_paths("k")
+
+    def running_job():
+        if not (lane / "results.tsv").exists() or not repo.rows(lane) or not (lane / "runs" / "jobs").exists():
+            return False
+        return any(record["state"] == "submitted" and record.get("started_at") for record in repo.job_records(lane))
+
+    # After the baseline, everything on the loop's side dies (loop, experiment.py, dispatch.py);
+    # the job goes on running in Ray.
+    assert wait_for(running_job, timeout=90)
+    state = json.loads((lane / "runs" / "loop" / "state.json").read_text())
+    pending = json.loads((lane / "runs" / "pending.json").read_text())
+    os.killpg(state["process"]["pid"], signal.SIGKILL)
+    os.killpg(pending["training_pgid"], signal.SIGKILL)
+    assert active(our_jobs(client, repo))
+    repo.lanes("resume")
+    repo.wait_until_stopped(timeout=180)
+    rows, records = repo.rows(lane), repo.job_records(lane)
+    assert len(rows) == 2 and rows[1][3] == "crash", rows  # recorded as interrupted, not lost
+    assert len(records) == len(rows) == len(our_jobs(client, repo))  # one job per experiment, none twice
+    assert not active(our_jobs(client, repo))
+    assert not overlapping([run for run in repo.traces() if run["event"] == "run"])
