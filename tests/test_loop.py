@@ -214,7 +214,8 @@ def test_every_flag_in_the_readme_loop_section_exists():
     helps = {command: subprocess.run([sys.executable, str(PROJECT / "scripts" / "loop.py"), command, "--help"],
                                      capture_output=True, text=True, check=True).stdout
              for command in ("start", "resume", "status", "stop")}
-    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", section))
+    blocks = "\n".join(re.findall(r"```(?:bash)?\n(.*?)```", section, flags=re.S))
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", blocks))
     assert {"--agent", "--max-experiments", "--background"} <= flags
     for flag in flags:
         assert any(flag in text for text in helps.values()), flag
