@@ -22,7 +22,7 @@ def test_the_loop_drives_the_real_claude_cli(claude, workspace):  # noqa: F811
     env = dict(env, AUTORESEARCH_TRAIN_COMMAND=f"{sys.executable} {BOWL}")
     train = root / "train.py"
     script = [
-        tool_use("Bash", {"command": 'uv run scripts/experiment.py "sneaky"', "description": "run it myself"}),
+        tool_use("Bash", {"command": "python3 -c 'print(42)'", "description": "a shell command the hooks allow"}),
         tool_use("Edit", {"file_path": str(root / "prepare.py"), "old_string": "import argparse",
                           "new_string": "import argparse  # faster eval"}),
         tool_use("Edit", {"file_path": str(train), "old_string": "    MATRIX_LR = 0.03",
@@ -53,7 +53,7 @@ def test_the_loop_drives_the_real_claude_cli(claude, workspace):  # noqa: F811
     assert "program.md: how this research org works" in prompt and "name: ml-experiment-loop" in prompt
 
     [(bash, bash_refused)] = tool_results(requests[1])  # no Bash: the loop, not the agent, runs experiments
-    assert bash_refused and "REASONING" not in bash, bash  # refused by the permissions, before any hook
+    assert bash_refused and "42" not in bash, bash  # not among --allowedTools: refused though the hooks allow it
     [(edit, edit_refused)] = tool_results(requests[2])  # the guard hook keeps the referee fixed
     assert edit_refused and "prepare.py is the fixed protocol" in edit
     [(_, train_refused)] = tool_results(requests[3])
