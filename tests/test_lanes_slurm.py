@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def start_hung_job(repo, name):
     path = repo.path.parent / name
     repo.git("worktree", "add", "-q", "--detach", str(path), "HEAD")
     env = dict(repo.env, FAKE_HANG="1")
-    return subprocess.Popen([os.sys.executable, "scripts/dispatch.py", "--backend", "slurm", "--",
+    return subprocess.Popen([sys.executable, "scripts/dispatch.py", "--backend", "slurm", "--",
                              *FAKE_TRAIN.split()], cwd=path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -97,7 +98,7 @@ def test_a_fifth_job_waits_for_a_gpu_and_sigterm_cancels_every_job(repo):
 
 
 def test_a_hung_run_is_cancelled_at_the_experiment_timeout(repo):
-    train = f"{os.sys.executable} scripts/dispatch.py --backend slurm -- {FAKE_TRAIN}"
+    train = f"{sys.executable} scripts/dispatch.py --backend slurm -- {FAKE_TRAIN}"
     env = {"AUTORESEARCH_TRAIN_COMMAND": train, "FAKE_HANG": "1"}
     assert repo.run("setup", "--tag", "hang", env=env).returncode == 0
     started = time.monotonic()

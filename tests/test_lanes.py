@@ -1,0 +1,120 @@
+"""Lanes on this machine (backend local), the one view across lanes, stop, and the SkyPilot and
+Modal launch definitions checked offline (neither can run here without an account).
+
+The local lanes run the fast fake tests/fixtures/cluster/lane_train.py, which records the
+CUDA_VISIBLE_DEVICES it was given: no GPU is needed to check that each lane keeps to its own.
+"""
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lanes_repo import FAKE_TRAIN, PROJECT, LanesRepo, pid_gone, wait_for
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return LanesRepo(tmp_path / "repo", fake_seconds=0.5)
+
+
+def test_two_local_lanes_run_in_parallel_each_on_its_own_gpu(repo):
+    out = repo.lanes("start", "2", "--backend", "local", "--tag", "loc", "--train-command", FAKE_TRAIN,
+                     "--", "--max-experiments", "2", "--timeout", "30")
+    assert "2 loops started on GPUs 0,1" in out
+    status = repo.wait_until_stopped(timeout=90)
+    assert status["experiments"] == 6 and status["per_hour"] > 0
+    for k, lane in enumerate(repo.lane_paths("loc")):
+        assert repo.git("branch", "--show-current", cwd=lane) == f"autoresearch/loc-lane{k}"
+        assert len(repo.rows(lane)) == 3
+        runs = [run for run in repo.traces() if Path(run["cwd"]) == lane]
+        assert len(runs) == 3 and {run["gpu"] for run in runs} == {str(k)}
+    best = status["best"]
+    assert best["lane"] in ("lane0", "lane1")
+    assert best["val_bpb"] == min(lane["best"]["val_bpb"] for lane in status["lanes"])
+    text = repo.lanes("status")
+    assert text.startswith("lanes loc (local, 0/2 running): 6 experiments") and f"in {best['lane']}" in text
+    assert "wrote runs/lanes/loc-progress.png (2 lanes, 6 experiments)" in repo.lanes("plot")
+
+
+def test_stop_now_stops_every_loop_and_its_training(repo):
+    repo.env["FAKE_SECONDS"] = "60"
+    repo.lanes("start", "2", "--backend", "local", "--tag", "st", "--train-command", FAKE_TRAIN,
+               "--", "--max-experiments", "5", "--timeout", "120")
+    lanes = repo.lane_paths("st")
+
+    def training_groups():
+        pending = [json.loads((lane / "runs" / "pending.json").read_text()) if (lane / "runs" / "pending.json").exists()
+                   else {} for lane in lanes]
+        return [record.get("training_pgid") for record in pending]
+
+    assert wait_for(lambda: all(training_groups()), timeout=30)
+    groups = training_groups()
+    started = time.monotonic()
+    out = repo.lanes("stop", "--now")
+    assert "2 loops stopped" in out and time.monotonic() - started < 20
+    status = repo.status()
+    assert status["running"] == 0
+    assert all(pid_gone(pgid) for pgid in groups)  # each group's leader: the training command
+    assert all((lane / "STOP").exists() for lane in lanes)
+
+
+def test_refusals_are_one_line_with_exit_2(repo):
+    result = repo.run("lanes", "status")
+    assert result.returncode == 2 and "no lanes here" in result.stderr
+    result = repo.run("lanes", "start", "3", "--backend", "local", "--gpu-ids", "0,1")
+    assert result.returncode == 2 and "one GPU per lane" in result.stderr
+    (repo.path / "train.py").write_text("changed\n")
+    result = repo.run("lanes", "start", "2", "--backend", "slurm")
+    assert result.returncode == 2 and "uncommitted changes" in result.stderr
+    result = repo.run("dispatch", "--backend", "slurm", "python", "train.py")
+    assert result.returncode == 2 and "after --" in result.stderr
+
+
+def test_cluster_lanes_put_the_dispatcher_in_front_of_training():
+    sys.path.insert(0, str(PROJECT / "scripts"))
+    import lanes
+
+    args = argparse.Namespace(
+        backend="slurm", train_command=None, gpus_per_run=2, partition="gpu", sbatch_option=["--account=lab"],
+        address=None, env=[])
+    command = lanes.training_command(args)
+    assert command.endswith(f"-- {sys.executable} train.py")
+    assert "scripts/dispatch.py --backend slurm --gpus 2 --partition=gpu --sbatch-option=--account=lab" in command
+    args.backend, args.address, args.env = "ray", "http://head:8265", ["WANDB_API_KEY"]
+    command = lanes.training_command(args)
+    assert "--address=http://head:8265 --env=WANDB_API_KEY -- python train.py" in command
+    args.backend = "local"
+    assert lanes.training_command(args) is None  # the loop's default: train.py with the lane's GPU
+
+
+def test_skypilot_task_asks_for_one_gpu_ships_the_repository_and_runs_the_loop():
+    import yaml  # installed with Ray (the cluster group)
+
+    task = yaml.safe_load((PROJECT / "scripts" / "cluster" / "skypilot_lane.yaml").read_text())
+    assert task["resources"]["accelerators"] == "H100:1"
+    assert task["workdir"] == "."
+    assert "uv sync --locked" in task["setup"] and "prepare.py" in task["setup"]
+    assert "uv run scripts/loop.py start --tag $LANE_TAG $LOOP_OPTIONS" in task["run"]
+    assert set(task["envs"]) == {"LANE_TAG", "LOOP_OPTIONS", "DATASET"}
+
+
+def test_modal_app_requests_the_gpu_ships_train_py_and_runs_it():
+    source = (PROJECT / "scripts" / "cluster" / "modal_app.py").read_text()
+    tree = ast.parse(source)
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    decorator = next(d for d in functions["train"].decorator_list if isinstance(d, ast.Call))
+    keywords = {keyword.arg: keyword.value for keyword in decorator.keywords}
+    assert ast.unparse(keywords["gpu"]) == "GPU"
+    assert 'os.environ.get("AUTORESEARCH_MODAL_GPU", "H100:1")' in source
+    assert "CACHE: volume" in ast.unparse(keywords["volumes"])
+    body = ast.unparse(functions["train"])
+    assert "write_text(train_py)" in body and "['uv', 'run', 'train.py']" in body
+    entry = ast.unparse(functions["main"])
+    assert "train.remote(Path('train.py').read_text()" in entry and "sys.exit(code)" in entry
+    for shipped in ("pyproject.toml", "uv.lock", "prepare.py"):
+        assert f'PROJECT / "{shipped}"' in source
