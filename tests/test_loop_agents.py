@@ -4,6 +4,7 @@ command template. The real Claude Code CLI is in test_loop_claude_cli.py."""
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -129,3 +130,16 @@ def test_the_agent_runs_headless_and_without_install_rights_unless_allowed(repo,
     ok(repo.loop("resume", "--allow-install", "--max-failures", "2"))
     assert json.loads((tmp_path / "env.json").read_text())["AUTORESEARCH_ALLOW_INSTALL"] == "1"
     assert "(--allow-install)" in repo.report()
+
+
+def test_the_guard_hook_refuses_installs_unless_the_loop_allows_them():
+    hook = Path(__file__).resolve().parent.parent / ".claude" / "hooks" / "guard_tool_use.py"
+    payload = json.dumps({"tool_name": "Bash", "tool_input": {"command": "uv pip install einops"},
+                          "cwd": str(hook.parent)})
+    environment = {key: value for key, value in os.environ.items() if key != "AUTORESEARCH_ALLOW_INSTALL"}
+    refused = subprocess.run([sys.executable, str(hook)], input=payload, capture_output=True, text=True,
+                             env=environment).stdout
+    assert "No new packages" in refused
+    allowed = subprocess.run([sys.executable, str(hook)], input=payload, capture_output=True, text=True,
+                             env=dict(environment, AUTORESEARCH_ALLOW_INSTALL="1")).stdout
+    assert allowed == ""

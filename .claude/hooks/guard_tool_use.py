@@ -17,7 +17,8 @@ Blocked:
 - Skipping the memory protocol during a session: `experiment.py` unless the newest Experiment Log
   block in notes.md is a REASONING block, `decide.py keep|discard` unless it is an ANALYSIS block
   (the baseline is exempt).
-- Installing packages (pip, uv add/pip/remove, uv run --with, uvx, conda, apt, npm ...).
+- Installing packages (pip, uv add/pip/remove, uv run --with, uvx, conda, apt, npm ...), unless
+  AUTORESEARCH_ALLOW_INSTALL=1 (set by `scripts/loop.py --allow-install`, which records what was installed).
 - Network access (curl, wget, ssh, git fetch/pull/clone ...) and reading secrets (~/.ssh ...).
 Compound commands (&&, ||, ;, |, &, newlines, ( ), $( ), backticks, bash -c '...', eval, heredocs
 fed to a shell) are split and each part is checked.
@@ -134,6 +135,11 @@ REDIRECTS = {"&>>", "&>", ">>", "<<<", "<<-", "<<", ">&", "<&", ">|", "<>", "<",
 OUTPUT_REDIRECTS = {"&>>", "&>", ">>", ">|", ">"}
 LOG_BLOCK = re.compile(r"^###\s+(REASONING|ANALYSIS)\b", re.M | re.I)
 HEREDOC = re.compile(r"<<-?\s*(['\"]?)([A-Za-z_][\w.-]*)\1")
+
+
+def install_allowed():
+    """scripts/loop.py --allow-install sets this for its agent, and records what gets installed."""
+    return os.environ.get("AUTORESEARCH_ALLOW_INSTALL") == "1"
 
 
 class Blocked(Exception):
@@ -309,7 +315,8 @@ def unwrap(argv):
             if argv:
                 argv.pop(0)  # the duration
         elif word == "uv" and len(argv) > 1 and argv[1] == "run":
-            if "--with" in argv or any(arg.startswith("--with=") or arg == "--with-requirements" for arg in argv):
+            if ("--with" in argv or any(arg.startswith("--with=") or arg == "--with-requirements" for arg in argv)) \
+                    and not install_allowed():
                 raise Blocked(REASON_INSTALL)
             argv = argv[2:]
             while argv and argv[0].startswith("-"):
@@ -447,7 +454,8 @@ def check_simple(argv, heredoc, cwd, root, bodies_seen):
         return
     if program in NETWORK_TOOLS:
         raise Blocked(REASON_NETWORK)
-    if program in INSTALLERS or (program in PACKAGE_MANAGERS and args and args[0] in PACKAGE_MANAGERS[program]):
+    if (program in INSTALLERS or (program in PACKAGE_MANAGERS and args and args[0] in PACKAGE_MANAGERS[program])) \
+            and not install_allowed():
         raise Blocked(REASON_INSTALL)
     if program == "train.py" or (re.match(r"^(python(3(\.\d+)?)?|torchrun|accelerate)$", program) and any(
         os.path.basename(arg) == "train.py" for arg in args[:3]
