@@ -457,14 +457,7 @@ class Loop:
         if common.load_pending() is None:  # else experiment.py started before a kill: stage_train waits for it
             current = self.state["current"]
             description = current["proposal"]["description"] + (" (repair)" if current["attempt"] > 1 else "")
-            args = [sys.executable, str(common.SCRIPTS_DIR / "experiment.py"), description]
-            for flag, key in (("--timeout", "timeout"), ("--train-command", "train_command")):
-                if self.options.get(key) is not None:
-                    args += [flag, str(self.options[key])]
-            # Output to a file, not a pipe: if this loop is killed, experiment.py finishes and records anyway.
-            with open(self.experiment_output(), "wb") as output:
-                self.experiment = subprocess.Popen(args, cwd=common.ROOT, stdin=subprocess.DEVNULL, stdout=output,
-                                                   stderr=subprocess.STDOUT)
+            self.experiment = self.start_experiment_py(description)
             while self.experiment.poll() is None and not (common.load_pending() or {}).get("commit"):
                 time.sleep(POLL_SECONDS / 4)
         return "train"
@@ -488,6 +481,17 @@ class Loop:
     def experiment_output(self):
         current = self.state["current"]
         return iteration_dir(current["number"]) / f"experiment-{current['attempt']}.out"
+
+    def start_experiment_py(self, *args):
+        """experiment.py with the loop's training options. Its output goes to a file, not a pipe: if this
+        loop is killed, experiment.py still finishes and records its result for the resumed loop."""
+        command = [sys.executable, str(common.SCRIPTS_DIR / "experiment.py"), *args]
+        for flag, key in (("--timeout", "timeout"), ("--train-command", "train_command")):
+            if self.options.get(key) is not None:
+                command += [flag, str(self.options[key])]
+        with open(self.experiment_output(), "ab") as output:
+            return subprocess.Popen(command, cwd=common.ROOT, stdin=subprocess.DEVNULL, stdout=output,
+                                    stderr=subprocess.STDOUT)
 
     def stage_triage(self):
         current = self.state["current"]
@@ -523,11 +527,9 @@ class Loop:
             time.sleep(POLL_SECONDS * 5)
             pending = common.load_pending()
         if pending and pending.get("next") == common.CONFIRM_COMMAND:
-            args = ["--confirm"]
-            for flag, key in (("--timeout", "timeout"), ("--train-command", "train_command")):
-                if self.options.get(key) is not None:
-                    args += [flag, str(self.options[key])]
-            code, output = helper("experiment.py", *args, check=False)
+            before = self.experiment_output().stat().st_size if self.experiment_output().exists() else 0
+            code = self.start_experiment_py("--confirm").wait()
+            output = self.experiment_output().read_text(errors="replace")[before:].strip()
             say(output)
             if code == 2:
                 raise Fatal(f"experiment.py --confirm refused: {output}")

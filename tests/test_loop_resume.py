@@ -6,6 +6,7 @@ right after recording that stage and before doing its work (at `train`, experime
 training and survives its loop, as it would a real kill). Another test kills the loop's whole
 process group from outside in the middle of a training run."""
 
+import difflib
 import json
 import os
 import signal
@@ -109,3 +110,22 @@ def test_resume_stops_an_agent_left_running_by_a_killed_loop(repo, tmp_path):
     ok(repo.loop("resume", "--agent-timeout", "1"))
     assert all(pid_gone(pid) for pid in agent_pids)
     assert json.loads((repo.path / "runs" / "loop" / "0001" / "iteration.json").read_text())["outcome"] == "agent_error"
+
+
+def test_kill_9_around_the_confirmation_of_a_marginal_win(repo):
+    """A small gain (about half the default noise band) is confirmed under a new seed before any
+    decision; killed as the confirmation starts and again as its result is read, nothing doubles."""
+    text = (repo.path / "train.py").read_text()
+    patch = "".join(difflib.unified_diff(text.splitlines(True), text.replace(
+        "WARMDOWN_RATIO = 0.5 ", "WARMDOWN_RATIO = 0.52", 1).splitlines(True), "a/train.py", "b/train.py"))
+    (repo.path / "next_proposal.json").write_text(json.dumps({"description": "warmdown 0.52", "patch": patch}))
+    command = ["start", "--no-referee", "--noise-runs", "0", "--max-experiments", "1"]
+    kill_at(repo, command, "confirm", 1)
+    result = repo.loop("resume", env={"AUTORESEARCH_LOOP_KILL_AT": "triage:1"})  # the triage after confirming
+    assert result.returncode == -signal.SIGKILL and (repo.pending() or {}).get("confirmation"), result.stdout
+    ok(repo.loop("resume"))
+    rows = check_consistent(repo)
+    assert len(rows) == 2 and rows[1][4].startswith("warmdown 0.52 [mean of 2 runs]")
+    confirmations = [p for p in (repo.path / "runs").glob("*/summary.json")
+                     if json.loads(p.read_text()).get("kind") == "confirmation"]
+    assert len(confirmations) == 1
