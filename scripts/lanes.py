@@ -8,6 +8,9 @@ training runs
     slurm  as a SLURM job per experiment (scripts/dispatch.py; shared filesystem, sbatch on PATH);
     ray    as a Ray job per experiment (scripts/dispatch.py; --address or $RAY_ADDRESS).
 The agent (or the random proposer) runs where the loop runs; only training goes to the cluster.
+Cluster lanes start their loops with --no-sandbox: the sandbox (no network, a read-only worktree)
+would keep the dispatcher from reaching the engine; the job runs on a node instead, under the
+engine's own isolation.
 The set is recorded in runs/lanes/TAG.json; commands without --tag act on the newest set.
 
 Usage:
@@ -128,6 +131,7 @@ def command_start(args, loop_args):
     for lane in lanes["lanes"]:
         options = ["--tag", f"{tag}-lane{lane['number']}", "--background", *loop_args]
         options += ["--train-command", train] if train else []
+        options += ["--no-sandbox"] if args.backend != "local" and "--no-sandbox" not in loop_args else []
         options += ["--gpu", lane["gpu"]] if lane["gpu"] is not None else []
         code, output = loop(lane, "start", *options)
         if code != 0:

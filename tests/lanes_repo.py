@@ -23,6 +23,9 @@ import pytest
 PROJECT = Path(__file__).resolve().parent.parent
 LANE_TRAIN = PROJECT / "tests" / "fixtures" / "cluster" / "lane_train.py"
 FAKE_TRAIN = f"{shlex.quote(sys.executable)} {shlex.quote(str(LANE_TRAIN))}"
+# The fake saves no model for the referee and needs no noise measurement (its result is a function
+# of train.py): loop options for every lane of these tests.
+FAKE_LOOP = ["--no-referee", "--noise-runs", "0"]
 RAY_ADDRESS = os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
 
 
@@ -117,6 +120,14 @@ class LanesRepo:
 
     def job_records(self, lane):
         return [json.loads(path.read_text()) for path in sorted((Path(lane) / "runs" / "jobs").glob("*.json"))]
+
+    def assert_one_job_per_run(self, lane):
+        """Every training run of the lane (experiment, or a confirmation under a new seed) was
+        submitted once: no (commit, seed) twice, and no experiment without its job."""
+        records = self.job_records(lane)
+        assert len({(record["commit"], record["seed"]) for record in records}) == len(records), records
+        assert len(records) >= len(self.rows(lane))
+        return records
 
 
 def overlapping(runs):

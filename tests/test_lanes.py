@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lanes_repo import FAKE_TRAIN, PROJECT, LanesRepo, pid_gone, wait_for
+from lanes_repo import FAKE_LOOP, FAKE_TRAIN, PROJECT, LanesRepo, pid_gone, wait_for
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def repo(tmp_path):
 
 def test_two_local_lanes_run_in_parallel_each_on_its_own_gpu(repo):
     out = repo.lanes("start", "2", "--backend", "local", "--tag", "loc", "--train-command", FAKE_TRAIN,
-                     "--", "--max-experiments", "2", "--timeout", "30")
+                     "--", *FAKE_LOOP, "--max-experiments", "2", "--timeout", "30")
     assert "2 loops started on GPUs 0,1" in out
     status = repo.wait_until_stopped(timeout=90)
     assert status["experiments"] == 6 and status["per_hour"] > 0
@@ -32,7 +32,7 @@ def test_two_local_lanes_run_in_parallel_each_on_its_own_gpu(repo):
         assert repo.git("branch", "--show-current", cwd=lane) == f"autoresearch/loc-lane{k}"
         assert len(repo.rows(lane)) == 3
         runs = [run for run in repo.traces() if Path(run["cwd"]) == lane]
-        assert len(runs) == 3 and {run["gpu"] for run in runs} == {str(k)}
+        assert len(runs) >= 3 and {run["gpu"] for run in runs} == {str(k)}
     best = status["best"]
     assert best["lane"] in ("lane0", "lane1")
     assert best["val_bpb"] == min(lane["best"]["val_bpb"] for lane in status["lanes"])
@@ -44,7 +44,7 @@ def test_two_local_lanes_run_in_parallel_each_on_its_own_gpu(repo):
 def test_stop_now_stops_every_loop_and_its_training(repo):
     repo.env["FAKE_SECONDS"] = "60"
     repo.lanes("start", "2", "--backend", "local", "--tag", "st", "--train-command", FAKE_TRAIN,
-               "--", "--max-experiments", "5", "--timeout", "120")
+               "--", *FAKE_LOOP, "--max-experiments", "5", "--timeout", "120")
     lanes = repo.lane_paths("st")
 
     def training_groups():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lanes_repo import FAKE_TRAIN, LanesRepo, overlapping, pid_gone, require_cluster, slurm_up, wait_for
+from lanes_repo import FAKE_LOOP, FAKE_TRAIN, LanesRepo, overlapping, pid_gone, require_cluster, slurm_up, wait_for
 
 
 @pytest.fixture
@@ -37,20 +37,20 @@ def our_jobs(repo):
 
 def test_four_lanes_on_four_gpus_record_every_experiment_in_its_own_lane(repo):
     repo.lanes("start", "4", "--backend", "slurm", "--tag", "s", "--train-command", FAKE_TRAIN,
-               "--", "--max-experiments", "1", "--timeout", "60")
+               "--", *FAKE_LOOP, "--max-experiments", "1", "--timeout", "60")
     status = repo.wait_until_stopped(timeout=150)
     lanes = repo.lane_paths("s")
     assert len(lanes) == 4 and status["experiments"] == 8  # baseline + 1 per lane
     runs = [run for run in repo.traces() if run["event"] == "run"]
-    assert len(runs) == 8
+    assert len(runs) >= 8  # and a confirmation run where a gain was within the noise
     for lane in lanes:
         rows = repo.rows(lane)
         assert len(rows) == 2 and rows[0][4] == "baseline"
         assert repo.git("branch", "--show-current", cwd=lane) == f"autoresearch/s-{lane.name}"
         # Every run of this lane trained in this lane's worktree, as one job each, none submitted twice.
-        assert sum(Path(run["cwd"]) == lane for run in runs) == 2
-        records = repo.job_records(lane)
-        assert len(records) == 2 and all(record["state"] == "done" for record in records)
+        records = repo.assert_one_job_per_run(lane)
+        assert sum(Path(run["cwd"]) == lane for run in runs) == len(records)
+        assert all(record["state"] == "done" for record in records)
         for run_log in lane.glob("runs/[0-9][0-9][0-9][0-9]-*/run.log"):
             text = run_log.read_text()
             assert "dispatch: submitted slurm job" in text and "val_bpb:" in text
@@ -58,7 +58,6 @@ def test_four_lanes_on_four_gpus_record_every_experiment_in_its_own_lane(repo):
     assert all(run["gpu"] in ("0", "1") and run["node"] in ("n1", "n2") for run in runs)
     for first, second in overlapping(runs):
         assert (first["node"], first["gpu"]) != (second["node"], second["gpu"])
-    assert len({(run["node"], run["gpu"]) for run in runs}) == 4
     assert not our_jobs(repo)
     one_view = repo.lanes("status")
     assert "8 experiments" in one_view and "best" in one_view
@@ -100,7 +99,8 @@ def test_a_fifth_job_waits_for_a_gpu_and_sigterm_cancels_every_job(repo):
 def test_a_hung_run_is_cancelled_at_the_experiment_timeout(repo):
     train = f"{sys.executable} scripts/dispatch.py --backend slurm -- {FAKE_TRAIN}"
     env = {"AUTORESEARCH_TRAIN_COMMAND": train, "FAKE_HANG": "1"}
-    assert repo.run("setup", "--tag", "hang", env=env).returncode == 0
+    assert repo.run("setup", "--tag", "hang", "--no-sandbox", "--no-referee", "--noise-runs", "0",
+                    env=env).returncode == 0
     started = time.monotonic()
     result = repo.run("experiment", "hangs", "--timeout", "8", env=env)
     assert result.returncode == 1 and "timeout" in result.stdout, result.stdout + result.stderr
@@ -115,7 +115,7 @@ def test_a_hung_run_is_cancelled_at_the_experiment_timeout(repo):
 def test_kill_9_of_the_loop_then_resume_submits_nothing_twice(repo):
     repo.env["FAKE_SECONDS"] = "3"
     repo.lanes("start", "2", "--backend", "slurm", "--tag", "k", "--train-command", FAKE_TRAIN,
-               "--", "--max-experiments", "2", "--timeout", "60")
+               "--", *FAKE_LOOP, "--max-experiments", "2", "--timeout", "60")
     lanes = repo.lane_paths("k")
 
     def loop_pid(lane):
@@ -140,9 +140,8 @@ def test_kill_9_of_the_loop_then_resume_submits_nothing_twice(repo):
     repo.lanes("resume")
     repo.wait_until_stopped(timeout=150)
     for lane in lanes:
-        rows, records = repo.rows(lane), repo.job_records(lane)
+        rows, records = repo.rows(lane), repo.assert_one_job_per_run(lane)
         assert len(rows) == 3, rows
-        assert len(records) == len(rows), records  # one job per experiment: none submitted twice
         assert all(record["state"] in ("done", "cancelled") for record in records)
         lane_runs = [run for run in repo.traces() if run["event"] == "run" and Path(run["cwd"]) == lane]
         assert not overlapping(lane_runs)  # never two runs of one lane at once
