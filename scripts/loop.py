@@ -995,11 +995,13 @@ def gather_status():
     in_flight = None
     if pending:
         budget = session.get("time_budget") or 0
-        elapsed = (datetime.datetime.now(datetime.timezone.utc) - common.parse_iso(pending["started_at"])).total_seconds()
-        in_flight = {"id": pending["id"], "description": pending.get("description"), "state": common.pending_state(pending),
-                     "elapsed_s": round(elapsed, 1), "budget_s": budget,
-                     "fraction": min(1.0, elapsed / budget) if budget else None,
-                     "eta_s": max(0.0, round(budget - elapsed, 1)) if budget else None}
+        expected = typical_run_seconds() or budget  # start-up, evaluation and the referee come on top of training
+        elapsed = hours_since(pending["started_at"]) * 3600
+        in_flight = {"id": pending["id"], "description": pending.get("description"),
+                     "state": common.pending_state(pending),
+                     "elapsed_s": round(elapsed, 1), "budget_s": budget, "expected_s": round(expected, 1),
+                     "fraction": min(1.0, elapsed / expected) if expected else None,
+                     "eta_s": max(0.0, round(expected - elapsed, 1)) if expected else None}
     best = common.best_ever(rows)
     baseline = next((row for row in rows if row.status == "keep"), None)
     hours = hours_since(state.get("started_at"))
@@ -1020,8 +1022,18 @@ def gather_status():
     }
 
 
+def typical_run_seconds():
+    """How long the last finished experiment took from start to result, or None before the first."""
+    for path in sorted(common.RUNS_DIR.glob("[0-9][0-9][0-9][0-9]-*/summary.json"), reverse=True):
+        summary = common.read_json(path) or {}
+        finished = summary.get("finished_at") and summary.get("started_at")
+        if summary.get("kind", "experiment") == "experiment" and finished:
+            return (common.parse_iso(summary["finished_at"]) - common.parse_iso(summary["started_at"])).total_seconds()
+    return None
+
+
 def progress_bar(fraction, width=24):
-    filled = int(round(fraction * width))
+    filled = round(fraction * width)
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
@@ -1042,7 +1054,7 @@ def print_status(status):
         bar = progress_bar(flight["fraction"]) if flight["fraction"] is not None else ""
         eta = f", ETA {flight['eta_s']:.0f} s" if flight["eta_s"] is not None else ""
         print(f"in flight: {flight['id']} {flight['description']} ({flight['state']}) {bar} "
-              f"{flight['elapsed_s']:.0f}/{flight['budget_s']} s{eta}")
+              f"{flight['elapsed_s']:.0f}/{flight['expected_s']:.0f} s (training budget {flight['budget_s']} s){eta}")
     best, baseline = status["best"], status["baseline"]
     if best:
         print(f"best val_bpb {best['val_bpb']:.6f} ({best['commit']}: {best['description']}), "
@@ -1184,7 +1196,8 @@ def command_start(args, argv):
     stages = parse_stages(args.stages)
     changed = common.changed_tracked_files()
     if changed:
-        raise common.Refusal(f"uncommitted changes to tracked files ({', '.join(changed)}): commit or revert them first")
+        raise common.Refusal(f"uncommitted changes to tracked files ({', '.join(changed)}): "
+                             "commit or revert them first")
     manifest = common.load_manifest()
     for key in ("dataset", "profile"):
         wanted = getattr(args, key)

@@ -158,7 +158,7 @@ def perturb(name, value, rng):
         new = int(value * 2) if rng.random() < 0.5 else int(value // 2)
     elif kind == "integer":
         factor = rng.choice(FACTORS)
-        new = int(round(value * factor))
+        new = round(value * factor)
         if new == value:
             new = value + (1 if factor > 1 else -1)
     elif kind == "factor":

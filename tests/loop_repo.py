@@ -46,7 +46,8 @@ class LoopRepo:
             self.git(*command)
 
     def loop(self, *args, env=None, timeout=120):
-        return subprocess.run([sys.executable, "scripts/loop.py", *args], cwd=self.path, env=dict(self.env, **(env or {})),
+        return subprocess.run([sys.executable, "scripts/loop.py", *args], cwd=self.path,
+                              env=dict(self.env, **(env or {})),
                               capture_output=True, text=True, timeout=timeout)
 
     def start(self, *args, env=None, timeout=120):

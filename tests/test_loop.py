@@ -9,8 +9,7 @@ import sys
 import time
 
 import pytest
-
-from loop_repo import description, PROJECT, LoopRepo, check_consistent, ok
+from loop_repo import PROJECT, LoopRepo, check_consistent, description, ok
 
 sys.path.insert(0, str(PROJECT / "scripts"))
 import proposers  # noqa: E402
@@ -124,7 +123,8 @@ def test_stop_ends_the_run_after_the_current_stage_and_resume_goes_on(repo, tmp_
     slow.write_text("3")
     repo.wait_for(lambda: "in flight:" in repo.loop("status").stdout, what="a run in flight")
     status = ok(repo.loop("status"))
-    assert status.startswith("loop running (pid") and re.search(r"in flight: \d{4} .*\[#*\.*\] \d+/5 s", status), status
+    assert status.startswith("loop running (pid"), status
+    assert re.search(r"in flight: \d{4} .*\[#*\.*\] \d+/\d+ s \(training budget 5 s\)", status), status
     assert "stop conditions: failures in a row 0/5" in status
     ok(repo.loop("stop"))
     assert (repo.path / "STOP").exists()

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from loop_repo import description, AGENTS, LoopRepo, agent, check_consistent, ok
+from loop_repo import AGENTS, LoopRepo, agent, check_consistent, description, ok
 
 
 @pytest.fixture
@@ -34,7 +33,8 @@ def test_a_good_agent_is_recorded_with_its_cost_and_writes_the_plan_from_idea_md
     assert call["command"][:2] == [agent("raises_lr.py"), "-p"] and call["command"][2].endswith(".prompt.md")
     assert "--output-format" in call["command"] and "--max-turns" in call["command"]
     prompt = (repo.path / call["prompt_file"]).read_text()
-    assert '"plan"' in prompt and "Find the best learning rates" in prompt and "# program.md: how this research org works" in prompt
+    assert '"plan"' in prompt and "Find the best learning rates" in prompt
+    assert "# program.md: how this research org works" in prompt and "name: ml-experiment-loop" in prompt
     assert "Edit train.py only" in prompt and "\tkeep\tbaseline" in prompt
     assert (repo.path / "PLAN.md").read_text().startswith("1. Tune MATRIX_LR upwards.")
     second = (repo.path / repo.record(2)["agent_calls"][0]["prompt_file"]).read_text()
@@ -58,7 +58,8 @@ def test_an_agent_that_breaks_train_py_gets_one_repair_then_the_idea_is_discarde
 def test_a_repair_that_works_is_judged_like_any_experiment(repo):
     ok(repo.start(*claude_fake("breaks_train.py"), "--max-experiments", "2", env={"FAKE_REPAIR": "fix"}))
     rows = check_consistent(repo)
-    assert [row[3] for row in rows[1:]] == ["crash", "keep"] and description(rows[2]) == "matrix lr 0.05 (broken) (repair)"
+    assert [row[3] for row in rows[1:]] == ["crash", "keep"]
+    assert description(rows[2]) == "matrix lr 0.05 (broken) (repair)"
 
 
 def test_an_agent_that_edits_prepare_py_is_rejected(repo):
@@ -119,10 +120,9 @@ def test_queued_instructions_go_to_the_agent(repo):
 
 def test_the_agent_runs_headless_and_without_install_rights_unless_allowed(repo, tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("import json, os\n"
-                     f"json.dump({{k: os.environ.get(k) for k in ('AUTORESEARCH_HEADLESS', 'AUTORESEARCH_ALLOW_INSTALL')}},"
-                     f" open({str(tmp_path / 'env.json')!r}, 'w'))\n"
-                     "print('no edit')\n")
+    names = ("AUTORESEARCH_HEADLESS", "AUTORESEARCH_ALLOW_INSTALL")
+    probe.write_text(f"import json, os\njson.dump({{k: os.environ.get(k) for k in {names!r}}}, "
+                     f"open({str(tmp_path / 'env.json')!r}, 'w'))\nprint('no edit')\n")
     os.chmod(probe, 0o755)
     ok(repo.start("--agent-command", f"{sys.executable} {probe}", "--max-failures", "1"))
     assert json.loads((tmp_path / "env.json").read_text()) == {"AUTORESEARCH_HEADLESS": "1",

@@ -31,8 +31,8 @@ def test_the_loop_drives_the_real_claude_cli(claude, workspace):  # noqa: F811
     ]
     with ScriptedModel(script) as model:
         result = subprocess.run(
-            [sys.executable, "scripts/loop.py", "start", "--agent", "claude", "--agent-bin", claude, "--max-experiments", "1",
-             "--noise-runs", "0", "--no-referee", "--max-turns", "8", "--agent-timeout", "120"],
+            [sys.executable, "scripts/loop.py", "start", "--agent", "claude", "--agent-bin", claude,
+             "--max-experiments", "1", "--noise-runs", "0", "--no-referee", "--max-turns", "8", "--agent-timeout", "120"],
             cwd=root, env=dict(env, ANTHROPIC_BASE_URL=model.url), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
 
