@@ -922,9 +922,7 @@ def build_prompt(state, kind, instructions=None, crash=None):
     rows = common.read_ledger()
     best, baseline = common.best_kept(rows), next((row for row in rows if row.status == "keep"), None)
     plan_first = IDEA_FILE.exists() and not PLAN_FILE.exists()
-    answer = '{"hypothesis": "what you changed, what you expect val_bpb to do and why", ' \
-             '"description": "a short ledger description, like: matrix lr 0.04 -> 0.05"' + \
-             (', "plan": "the research plan, markdown, at most 30 lines"' if plan_first else "") + "}"
+    answer = json.dumps(dict(proposers.ANSWER_EXAMPLE, **({"plan": proposers.PLAN_EXAMPLE} if plan_first else {})))
     if kind == "repair":
         task = [f"Experiment {current['number']:04d} (\"{current['proposal']['description']}\") crashed: "
                 f"{crash['triage']}: {crash['detail']}",

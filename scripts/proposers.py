@@ -226,6 +226,9 @@ def random_proposal(train_text, profile, max_seq_len, seed, iteration, tried=())
 AGENTS = ("random", "claude", "codex", "opencode", "command")
 CLAUDE_LOCAL = common.ROOT / "node_modules" / ".bin" / "claude"  # pinned by package-lock.json
 ANSWER_KEYS = ("hypothesis", "description")
+ANSWER_EXAMPLE = {"hypothesis": "what you changed, what you expect val_bpb to do and why",
+                  "description": "a short ledger description, like: matrix lr 0.04 -> 0.05"}
+PLAN_EXAMPLE = "the research plan, markdown, at most 30 lines"
 # Tools a headless claude may use without asking: reading, and editing (the guard hook in
 # .claude/hooks limits edits to train.py and the memory files). No Bash: the loop, not the agent,
 # runs the experiment, and an unattended Bash could start a second one.
@@ -291,7 +294,8 @@ def parse_agent_output(agent, stdout):
         if envelope.get("is_error") or envelope.get("subtype") != "success":
             return None, meta, f"claude ended with {envelope.get('subtype')}: {snippet(envelope.get('result'))}"
         text = str(envelope.get("result") or "")
-    answers = [obj for obj in json_objects(text) if all(isinstance(obj.get(key), str) for key in ANSWER_KEYS)]
+    answers = [obj for obj in json_objects(text) if all(isinstance(obj.get(key), str) for key in ANSWER_KEYS)
+               and obj["hypothesis"] != ANSWER_EXAMPLE["hypothesis"]]  # a CLI that echoes the prompt's example
     if not answers or not " ".join(answers[-1]["description"].split()):
         return None, meta, ('the answer has no JSON object {"hypothesis": "...", "description": "..."}: '
                             + snippet(text))

@@ -143,3 +143,25 @@ def test_the_guard_hook_refuses_installs_unless_the_loop_allows_them():
     allowed = subprocess.run([sys.executable, str(hook)], input=payload, capture_output=True, text=True,
                              env=dict(environment, AUTORESEARCH_ALLOW_INSTALL="1")).stdout
     assert allowed == ""
+
+
+def test_the_command_line_of_each_agent_cli(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import proposers
+
+    options = {"max_turns": 7, "agent_bin": "/bin/claude", "allow_install": False, "agent_args": "--model sonnet"}
+    prompt_file = tmp_path / "p.md"
+    assert proposers.agent_command("claude", "PROMPT", prompt_file, options) == (
+        ["/bin/claude", "-p", "PROMPT", "--output-format", "json", "--max-turns", "7",
+         "--allowedTools", "Read,Glob,Grep,Edit,Write", "--model", "sonnet"], None)
+    installing = proposers.agent_command("claude", "P", prompt_file, dict(options, allow_install=True))[0]
+    assert installing[installing.index("--allowedTools") + 1].endswith(",Bash(uv pip install:*),Bash(pip install:*)")
+    options = dict(options, agent_bin=None, agent_args=None)
+    assert proposers.agent_command("codex", "P", prompt_file, options)[0] == [
+        "codex", "exec", "--full-auto", "--skip-git-repo-check", "P"]
+    assert proposers.agent_command("opencode", "P", prompt_file, options)[0] == ["opencode", "run", "P"]
+    assert proposers.agent_command("command", "P", prompt_file, dict(options, agent_command="x --in {prompt_file}")) \
+        == (["x", "--in", str(prompt_file)], None)
+    assert proposers.agent_command("command", "P", prompt_file, dict(options, agent_command="x -")) == (["x", "-"], "P")
+    echoed = json.dumps(proposers.ANSWER_EXAMPLE)  # a CLI that prints the prompt back is not answering
+    assert proposers.parse_agent_output("codex", echoed)[2].startswith("the answer has no JSON object")
