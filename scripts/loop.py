@@ -1,11 +1,13 @@
 """The headless research loop: set-up, baseline, then one experiment after another, unattended.
 
-Each iteration runs propose -> apply -> validate -> commit -> train -> triage -> record -> decide
--> remember -> stop-check, and every stage is recorded in runs/loop/state.json (written
-atomically) before it runs, so `resume` carries on after a crash, a reboot or `kill -9` at any
-moment: a stage is either redone (it changes nothing twice) or reconciled with what the helpers
-recorded (a training run still going is waited for, an interrupted one is recorded as a crash,
-a half-made decision is finished). Ledger rows are written only by decide.py, once each.
+After set-up (setup.py, then the noise runs of the baseline's code) and the baseline, each
+iteration runs propose -> apply -> validate -> commit -> train -> triage [-> confirm -> triage,
+when experiment.py calls the gain marginal] -> record -> decide -> remember -> stop-check, and
+every stage is recorded in runs/loop/state.json (written atomically) before it runs, so `resume`
+carries on after a crash, a reboot or `kill -9` at any moment: a stage is either redone (it
+changes nothing twice) or reconciled with what the helpers recorded (a training run still going
+is waited for, an interrupted one is recorded as a crash, a half-made decision is finished).
+Ledger rows are written only by decide.py, once each.
 
 Proposals come from the human queue first (next_proposal.json, then proposals/*.json), then
 from the proposer: the built-in random search (no LLM, the offline default) or an agent CLI
@@ -16,7 +18,7 @@ Everything it writes lies in this worktree (runs/loop/, notes.md, REPORT.md, pro
 branch), so several loops in several git worktrees share only the read-only prepared data.
 
 Usage:
-    uv run scripts/loop.py start --agent random --max-experiments 3 --dataset builtin
+    uv run scripts/loop.py start --dataset builtin --max-experiments 3 --noise-runs 0   # offline quickstart
     uv run scripts/loop.py start --agent claude --hours 8 --background
     uv run scripts/loop.py resume [--background] [--max-experiments N ...]
     uv run scripts/loop.py status [--json]
