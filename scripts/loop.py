@@ -901,7 +901,7 @@ def describe_limits(state, rows):
 # ---------------------------------------------------------------------------
 # The agent's prompt
 
-MAX_SECTION_CHARACTERS = 12000  # program.md and SKILL.md fit; a runaway notes.md is cut
+MAX_SECTION_CHARACTERS = 16000  # program.md and SKILL.md fit whole; a runaway notes.md is cut
 
 
 def section(title, text):
@@ -916,6 +916,15 @@ def read_text(path):
         return Path(path).read_text(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def compact_notes(text):
+    """notes.md with its sections whole but only the newest part of its Experiment Log, which the
+    loop grows by two blocks an iteration."""
+    head, marker, log = text.partition("## Experiment Log")
+    if len(log) > MAX_SECTION_CHARACTERS // 2:
+        log = "\n[... older blocks cut ...]\n" + log[-(MAX_SECTION_CHARACTERS // 2):]
+    return head + marker + log
 
 
 def build_prompt(state, kind, instructions=None, crash=None):
@@ -966,10 +975,12 @@ def build_prompt(state, kind, instructions=None, crash=None):
               "", "Last ledger rows (commit, val_bpb, memory_gb, status, description):", "", recent]
     parts = ["# autoresearch: one headless iteration", "", section("Task", "\n".join(task)),
              section("How this works", "\n".join(contract)), section("Where the research stands", "\n".join(status))]
-    for title, path in (("IDEA.md (the research direction)", IDEA_FILE), ("PLAN.md", PLAN_FILE),
-                        ("notes.md (your notes from earlier iterations)", common.NOTES_FILE)):
+    for title, path in (("IDEA.md (the research direction)", IDEA_FILE), ("PLAN.md", PLAN_FILE)):
         if read_text(path).strip():
             parts.append(section(title, read_text(path)))
+    notes = read_text(common.NOTES_FILE)
+    if notes.strip():
+        parts.append(section("notes.md (your notes from earlier iterations)", compact_notes(notes)))
     preface = ("Written for an interactive session. Here the loop runs setup, experiment, decide and the "
                "stopping rules for you: your part is the idea and the edit to train.py.\n\n")
     for title, path in (("program.md (the research org's policy)", PROGRAM_FILE),
