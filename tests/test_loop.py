@@ -152,6 +152,10 @@ def test_a_plateau_ends_the_run(repo):
     rows = check_consistent(repo)
     assert [row[3] for row in rows] == ["keep", "discard", "discard", "discard"]
     assert "Stopped: plateau: no improvement in the last 3 experiments (--plateau 3)" in repo.report()
+    again = repo.loop("resume", env={"FAKE_FLAT": "1", "FAKE_NOISE": "0"})
+    assert again.returncode == 2 and "raise that limit" in again.stderr
+    ok(repo.loop("resume", "--plateau", "4", env={"FAKE_FLAT": "1", "FAKE_NOISE": "0"}))
+    assert len(check_consistent(repo)) == 5 and "(--plateau 4)" in repo.report()
 
 
 def test_stages_run_setup_and_baseline_only_then_a_hand_made_change(repo):
