@@ -25,12 +25,21 @@ RAY=${RAY:-$([ -x "$REPO/.venv/bin/ray" ] && echo "$REPO/.venv/bin/ray" || echo 
 # Ray's own temp dir must stay short: it names Unix sockets after it (107-byte limit).
 TEMP=$ROOT/t
 
-ray_pids() {  # every process started from our temp dir: raylets, GCS, dashboard, workers
-    local pid
-    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
-        tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$TEMP" && echo "$pid"
+ray_pids() {  # every process of ours: the two sessions `up` started, and whatever names our folders
+    local sessions stat pid
+    sessions=" $(cat "$ROOT"/*.pid 2>/dev/null | tr '\n' ' ') "
+    for stat in /proc/[0-9]*/stat; do
+        pid=${stat#/proc/}; pid=${pid%/stat}
+        { read -r -a fields <"$stat"; } 2>/dev/null || continue
+        # Ray renames its agents (their command line and environment are overwritten), so the
+        # session id (field 6) is what still ties them to `ray start`; job drivers run in sessions
+        # of their own, but keep our HOME in their environment.
+        if [[ "$sessions" == *" ${fields[5]} "* ]] ||
+           { tr '\0' '\n' <"/proc/$pid/cmdline"; tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null |
+               grep -q -e "$TEMP" -e "^HOME=$ROOT/home$"; then
+            echo "$pid"
+        fi
     done
-    cat "$ROOT"/*.pid 2>/dev/null || true
 }
 
 up() {
@@ -65,14 +74,14 @@ up() {
 
 down() {
     local pids
-    pids=$(ray_pids | sort -u)
-    [ -n "$pids" ] && kill $pids 2>/dev/null || true
+    pids=$(ray_pids)
+    [ -n "$pids" ] && kill $pids 2>/dev/null
     for _ in $(seq 50); do
-        [ -z "$(ray_pids | sort -u | while read -r p; do kill -0 "$p" 2>/dev/null && echo "$p"; done)" ] && break
+        pids=$(ray_pids)
+        [ -z "$pids" ] && break
         sleep 0.2
     done
-    pids=$(ray_pids | sort -u)
-    [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
+    [ -n "$pids" ] && kill -9 $pids 2>/dev/null
     rm -f "$ROOT"/*.pid
     echo "ray down"
 }
