@@ -9,7 +9,9 @@ Used by scripts/loop.py; nothing here touches the ledger, the branch or the loop
   bounds (multiplicative for rates and sizes, additive for fractions), reproducible from a seed.
   It needs no LLM: the offline default, and an honest baseline for an agent's search.
 - Agent CLIs: `claude -p`, `codex exec`, `opencode run`, or any command template. Each gets one
-  prompt, edits train.py, and ends its answer with a JSON object {"hypothesis", "description"}.
+  prompt (build_prompt: the task, the rules of a headless iteration, the state, notes.md, PLAN.md,
+  program.md and the loop skill), edits train.py, and ends its answer with a JSON object
+  {"hypothesis", "description"}.
 
 Usage (from loop.py):
     import proposers
@@ -36,6 +38,10 @@ import common
 
 QUEUE_FILE = common.ROOT / "next_proposal.json"
 QUEUE_DIR = common.ROOT / "proposals"
+IDEA_FILE = common.ROOT / "IDEA.md"  # the human's research direction; the first agent call plans from it
+PLAN_FILE = common.ROOT / "PLAN.md"  # that plan, saved by the loop from the agent's answer
+PROGRAM_FILE = common.ROOT / "program.md"
+SKILL_FILE = common.ROOT / "skills" / "ml-experiment-loop" / "SKILL.md"
 
 
 def queued_proposal_files():
@@ -322,3 +328,94 @@ def installed_packages():
 def which(binary):
     return binary if os.path.sep in binary and os.access(binary, os.X_OK) else shutil.which(binary)
 
+
+# ---------------------------------------------------------------------------
+# The agent's prompt
+
+MAX_SECTION_CHARACTERS = 16000  # program.md and SKILL.md fit whole; a runaway notes.md is cut
+
+
+def section(title, text):
+    text = text.strip()
+    if len(text) > MAX_SECTION_CHARACTERS:
+        text = "[... earlier part cut ...]\n" + text[-MAX_SECTION_CHARACTERS:]
+    return f"## {title}\n\n{text}\n"
+
+
+def read_text(path):
+    try:
+        return Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def compact_notes(text):
+    """notes.md with its sections whole but only the newest part of its Experiment Log, which the
+    loop grows by two blocks an iteration."""
+    head, marker, log = text.partition("## Experiment Log")
+    if len(log) > MAX_SECTION_CHARACTERS // 2:
+        log = "\n[... older blocks cut ...]\n" + log[-(MAX_SECTION_CHARACTERS // 2):]
+    return head + marker + log
+
+
+def build_prompt(state, kind, instructions=None, crash=None):
+    """One self-contained prompt: the task, the headless contract, the state, the notes, the policy."""
+    options, current = state["options"], state["current"]
+    rows = common.read_ledger()
+    best, baseline = common.best_kept(rows), next((row for row in rows if row.status == "keep"), None)
+    plan_first = IDEA_FILE.exists() and not PLAN_FILE.exists()
+    answer = json.dumps(dict(ANSWER_EXAMPLE, **({"plan": PLAN_EXAMPLE} if plan_first else {})))
+    if kind == "repair":
+        task = [f"Experiment {current['number']:04d} (\"{current['proposal']['description']}\") crashed: "
+                f"{crash['triage']}: {crash['detail']}",
+                *crash.get("excerpt", []),
+                f"The end of its log is in {crash['run_dir']}/run.log (read at most 50 lines). train.py is back as "
+                "it was when it crashed. Fix the trivial bug (a typo, a shape error) without changing the idea, "
+                "and answer with the same JSON object (hypothesis: what you fixed)."]
+    else:
+        task = ["Choose ONE experiment and make it by editing train.py: the most promising next idea given "
+                "the state and notes below. One hypothesis, the smallest change that tests it."]
+        if instructions:
+            task = [f"The human queued this experiment for you; make it by editing train.py:\n\n{instructions}"]
+        if plan_first:
+            task.append("IDEA.md (below) is the research direction. First write a short research plan from it "
+                        "and return it in the JSON answer under \"plan\" (the loop saves it as PLAN.md); then make "
+                        "the first experiment of that plan.")
+        elif PLAN_FILE.exists():
+            task.append("Follow PLAN.md (below): take its next step that the notes do not show as done.")
+    install = ("You may install a Python package with `uv pip install NAME` if the idea truly needs one; "
+               "the loop records it." if options.get("allow_install") else
+               "Do not install packages: use what is installed (plain PyTorch).")
+    contract = [
+        f"- You are one iteration ({current['number']:04d}) of an unattended loop (scripts/loop.py), called "
+        "with a fresh context; nobody will answer questions.",
+        "- Edit train.py only (you may also update notes.md). A proposal that changes any other file is "
+        "rejected and reset.",
+        "- Do not run training, scripts/experiment.py, scripts/decide.py or git: after your answer the loop "
+        "commits train.py, trains it for the fixed budget, records the result and keeps or discards it.",
+        f"- {install}",
+        f"- Finish within {options['max_turns']} turns. End your reply with one JSON object on its own line:",
+        f"  {answer}",
+    ]
+    recent = "\n".join(common.format_row(row).rstrip("\n") for row in rows[-10:]) or "(no rows yet)"
+    status = [f"- session {state['tag']} on {state['branch']}, profile {(common.load_session() or {}).get('profile')}, "
+              f"training budget {(common.load_session() or {}).get('time_budget')} s",
+              f"- baseline: {baseline.val_bpb:.6f} ({baseline.commit})" if baseline else "- baseline: not run yet",
+              f"- best kept: {best.val_bpb:.6f} ({best.commit}: {best.description})" if best else "- best: -",
+              f"- experiments so far: {max(0, len(common.experiments(rows)) - 1)}",
+              "", "Last ledger rows (commit, val_bpb, memory_gb, status, description):", "", recent]
+    parts = ["# autoresearch: one headless iteration", "", section("Task", "\n".join(task)),
+             section("How this works", "\n".join(contract)), section("Where the research stands", "\n".join(status))]
+    for title, path in (("IDEA.md (the research direction)", IDEA_FILE), ("PLAN.md", PLAN_FILE)):
+        if read_text(path).strip():
+            parts.append(section(title, read_text(path)))
+    notes = read_text(common.NOTES_FILE)
+    if notes.strip():
+        parts.append(section("notes.md (your notes from earlier iterations)", compact_notes(notes)))
+    preface = ("Written for an interactive session. Here the loop runs setup, experiment, decide and the "
+               "stopping rules for you: your part is the idea and the edit to train.py.\n\n")
+    for title, path in (("program.md (the research org's policy)", PROGRAM_FILE),
+                        ("The ml-experiment-loop skill (the method)", SKILL_FILE)):
+        if read_text(path).strip():
+            parts.append(section(title, preface + read_text(path)))
+    return "\n".join(parts)
