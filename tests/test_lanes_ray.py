@@ -19,14 +19,18 @@ from lanes_repo import FAKE_LOOP, FAKE_TRAIN, RAY_ADDRESS, LanesRepo, overlappin
 PASS_THROUGH = ["--env", "FAKE_TRACE", "--env", "FAKE_SECONDS", "--env", "FAKE_HANG"]
 
 
+HOW = "bash scripts/cluster/ray_local.sh up; export RAY_ADDRESS=http://127.0.0.1:8265"
+
+
 @pytest.fixture
 def repo(tmp_path):
-    require_cluster("Ray", ray_up(), "bash scripts/cluster/ray_local.sh up; export RAY_ADDRESS=http://127.0.0.1:8265")
+    require_cluster("Ray", ray_up(), HOW)
     return LanesRepo(tmp_path / "repo")
 
 
 @pytest.fixture(scope="module")
-def client():
+def client():  # set up before `repo` (a wider scope comes first), so it checks the cluster too
+    require_cluster("Ray", ray_up(), HOW)
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(RAY_ADDRESS)
