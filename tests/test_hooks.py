@@ -412,6 +412,21 @@ def test_decision_needs_an_analysis_block_first(project):
     assert guard("Bash", {"command": "uv run scripts/decide.py discard"}, project) is None
 
 
+def test_a_confirmation_run_needs_no_new_reasoning(project):
+    start_session(project, [ROW_KEEP])
+    (project / "notes.md").write_text(NOTES + REASONING + ANALYSIS)  # analysed a marginal win
+    assert guard("Bash", {"command": "uv run scripts/experiment.py --confirm"}, project) is None
+
+
+def test_the_held_out_split_stays_hidden_from_the_agent(project):
+    start_session(project, [ROW_KEEP])
+    for command in ("cat runs/heldout.json", "uv run scripts/status.py --report",
+                    "git status && python3 -c 'print(1)' | grep x runs/heldout.json"):
+        assert "held-out" in guard("Bash", {"command": command}, project), command
+    assert "held-out" in guard("Read", {"file_path": f"{project}/runs/heldout.json"}, project)
+    assert guard("Bash", {"command": "uv run scripts/status.py"}, project) is None
+
+
 def test_template_examples_do_not_count_as_blocks(project):
     start_session(project, [ROW_KEEP])
     (project / "notes.md").write_text((REPO / "skills" / "ml-experiment-loop" / "templates" / "notes.md").read_text())

@@ -124,6 +124,11 @@ WRAPPERS = {  # words that run the command after them (shell keywords included: 
     "then", "do", "else", "elif", "if", "while", "until", "!", "{",
 }
 FILE_MOVERS = {"cp", "mv", "rm", "ln", "truncate", "install", "touch", "chmod", "chown", "rmdir", "unlink", "shred"}
+HELD_OUT_FILES = ("heldout.json", "test_rows.npy", "test_tokens.bin")
+REASON_HELD_OUT = (
+    "The held-out test split is for the human's morning check, never for decisions: "
+    "judge by val_bpb with `uv run scripts/status.py`."
+)
 SECRET_PATTERNS = (
     re.compile(r"(^|/|~)\.ssh(/|$)"), re.compile(r"(^|/|~)\.aws(/|$)"), re.compile(r"(^|/)\.netrc$"),
     re.compile(r"(^|/)\.git-credentials$"), re.compile(r"(^|/)\.env(\.[\w.-]+)?$"),
@@ -190,6 +195,11 @@ def edit_reason(relative):
 
 def is_log(path):
     return os.path.basename(path).endswith(".log")
+
+
+def is_held_out(path):
+    """The held-out test scores: seeing them would turn the test split into a second val split."""
+    return os.path.basename(path) in HELD_OUT_FILES
 
 
 def is_secret(path):
@@ -424,6 +434,8 @@ def check_memory_protocol(program, args, root):
         return  # the helper itself will say what is wrong
     if state is None or not state["rows"]:
         return  # no session, or the baseline: nothing to reason about yet
+    if program == "experiment.py" and "--confirm" in args:
+        return  # a confirmation re-runs the pending candidate under a new seed: no new hypothesis
     if program == "experiment.py" and newest_log_block(root) != "REASONING":
         raise Blocked(REASON_NEED_REASONING)
     if program == "decide.py" and args[:1] in (["keep"], ["discard"]) and state["pending"] \
@@ -440,6 +452,8 @@ def check_simple(argv, heredoc, cwd, root, bodies_seen):
     program, args = os.path.basename(argv[0]), argv[1:]
     if any(is_secret(arg) for arg in argv):
         raise Blocked(REASON_SECRET)
+    if any(is_held_out(arg) for arg in argv) or (program == "status.py" and "--report" in args):
+        raise Blocked(REASON_HELD_OUT)
     if program in SHELLS or program == "eval":
         if "-c" in args and args.index("-c") + 1 < len(args):
             check_command(args[args.index("-c") + 1], cwd, root)
@@ -517,6 +531,8 @@ def check_tool(payload, root):
         path = str(tool_input.get("file_path", ""))
         if is_secret(path):
             raise Blocked(REASON_SECRET)
+        if is_held_out(path):
+            raise Blocked(REASON_HELD_OUT)
         limit = tool_input.get("limit")
         if is_log(path) and not (isinstance(limit, int) and 0 < limit <= MAX_LOG_LINES):
             raise Blocked(REASON_READ_LOG)
