@@ -709,20 +709,24 @@ def score_rows(model, rows, batch_size, token_bytes):
     return total_nats.item(), total_bytes.item(), batch_size
 
 
-CAUSALITY_PROBE_SEED = 20251123  # fixed, so a run cannot be lucky with where the probes fall
-# A model that looks ahead changes earlier logits wherever the probe falls, so a few rows catch it;
-# a full batch cost two forward passes of it, 10% of an experiment on the cpu profile.
+# A model that looks ahead changes earlier logits wherever the probe falls, so a few rows catch it
+# (a full batch cost two forward passes of it, 10% of an experiment on the cpu profile). On CUDA the
+# probe uses the evaluation's own batch shape instead: a new shape would recompile the model.
 CAUSALITY_PROBE_ROWS = 8
 
 
 def check_causality(model, rows, batch_size):
-    """Changing the token at a position j must leave every logit before j unchanged. Probes one
-    batch of rows, each with its own random j; a model that looks ahead is reported `invalid`
-    (exit code 4), whatever its score."""
+    """Changing the token at a position j must leave every logit before j unchanged. Probes a few
+    rows drawn from the whole split, each with its own j, both fresh from the OS's entropy so a
+    model cannot recognise the probe; a model that looks ahead is reported `invalid` (exit code 4),
+    whatever its score."""
     import torch
     device = next(model.parameters()).device
-    probe = torch.from_numpy(rows[:min(batch_size, CAUSALITY_PROBE_ROWS), :-1].astype(np.int64)).to(device)
-    positions = np.random.default_rng(CAUSALITY_PROBE_SEED).integers(1, probe.size(1), size=probe.size(0))
+    count = min(batch_size, len(rows) if device.type == "cuda" else CAUSALITY_PROBE_ROWS)
+    generator = np.random.default_rng()
+    chosen = np.sort(generator.choice(len(rows), size=count, replace=False))
+    probe = torch.from_numpy(rows[chosen, :-1].astype(np.int64)).to(device)
+    positions = generator.integers(1, probe.size(1), size=probe.size(0))
     changed = probe.clone()
     vocab_size = manifest()["vocab_size"]
     for row, position in enumerate(positions):
