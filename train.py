@@ -505,8 +505,10 @@ def main():
     model.eval()
     with autocast:
         val_bpb = evaluate_bpb(forward, DEVICE_BATCH_SIZE)
-    export_path = os.environ.get("AUTORESEARCH_EXPORT")  # set by the helpers: the referee re-scores this file
-    if export_path:
+    # Set by the helpers: the referee re-scores this file. Only a result that could be kept is
+    # worth the export's seconds, so the helpers say below which val_bpb that is.
+    export_path = os.environ.get("AUTORESEARCH_EXPORT")
+    if export_path and val_bpb < float(os.environ.get("AUTORESEARCH_EXPORT_BELOW", "inf")):
         export_started = time.time()
         try:
             with autocast:

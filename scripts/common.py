@@ -751,17 +751,20 @@ def delete_saved_models(run_dirs):
 # One training run: an experiment, its confirmation, or a noise run
 
 
-def train_run(run_dir, command, seed, timeout, session, export=True, on_start=lambda pid: None):
-    """Train once with output in run_dir/run.log (and the model in run_dir/model.pt2 when `export`),
-    in the sandbox when the session allows it. Returns {status: ok | crash | invalid, val_bpb (as
-    train.py printed it), metrics, failure (triage, or None), exit_code, timed_out, interrupted,
-    wall_seconds, sandbox}."""
+def train_run(run_dir, command, seed, timeout, session, export=True, on_start=lambda pid: None, export_below=None):
+    """Train once with output in run_dir/run.log (and the model in run_dir/model.pt2 when `export`,
+    only if val_bpb comes out below `export_below` when that is given: a result that cannot be
+    kept needs no referee, and the export costs seconds), in the sandbox when the session allows
+    it. Returns {status: ok | crash | invalid, val_bpb (as train.py printed it), metrics, failure
+    (triage, or None), exit_code, timed_out, interrupted, wall_seconds, sandbox}."""
     run_dir = Path(run_dir)
     run_log = run_dir / "run.log"
-    env = {key: value for key, value in os.environ.items() if key != "AUTORESEARCH_EXPORT"}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AUTORESEARCH_EXPORT")}
     env.update(AUTORESEARCH_SEED=str(seed), PYTHONUNBUFFERED="1")
     if export:
         env["AUTORESEARCH_EXPORT"] = str(run_dir / MODEL_FILE)
+        if export_below is not None:
+            env["AUTORESEARCH_EXPORT_BELOW"] = repr(float(export_below))
     sandbox = sandbox_state(session)
     wrapped = sandboxed(command, run_dir) if sandbox == "on" else command
     exit_code, timed_out, interrupted, seconds = run_logged(wrapped, run_log, env, timeout, on_start)

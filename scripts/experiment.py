@@ -257,7 +257,11 @@ def run_experiment(args):
         pending["training_pgid"] = pid
         common.write_json_atomic(common.PENDING_FILE, pending)
 
-    run = common.train_run(run_dir, command, seed, timeout, session, export=True, on_start=record_training_pid)
+    best = common.best_kept(rows)
+    # a keep needs val_bpb below the best, or within the noise band for a simplification
+    export_below = best.val_bpb + common.noise_band(session) if best else None
+    run = common.train_run(run_dir, command, seed, timeout, session, export=True, on_start=record_training_pid,
+                           export_below=export_below)
     if not linked:
         common.RUN_LOG.write_bytes(run_log.read_bytes())
     peak_vram_mb = run["metrics"].get("peak_vram_mb")

@@ -23,8 +23,8 @@ def train(builtin_cache):
     return module
 
 
-def run_train(script, cache):
-    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
+def run_train(script, cache, **extra_env):
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), **extra_env)
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
 
@@ -33,8 +33,10 @@ def summary(stdout):
     return dict(re.match(r"^(\w+):\s+(.*)$", line).groups() for line in block.strip().splitlines())
 
 
-def test_cpu_baseline_run_learns_and_prints_the_summary_block(builtin_cache):
-    result = run_train(ROOT / "train.py", builtin_cache)
+def test_cpu_baseline_run_learns_and_prints_the_summary_block(builtin_cache, tmp_path):
+    # a result no better than val_bpb 0 cannot be kept, so the model is not saved for the referee
+    result = run_train(ROOT / "train.py", builtin_cache, AUTORESEARCH_EXPORT=str(tmp_path / "model.pt2"),
+                       AUTORESEARCH_EXPORT_BELOW="0.0")
     assert result.returncode == 0, result.stderr[-2000:]
     values = summary(result.stdout)
     for key in ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
@@ -49,6 +51,7 @@ def test_cpu_baseline_run_learns_and_prints_the_summary_block(builtin_cache):
     assert float(values["training_seconds"]) >= 5.0 and int(values["num_steps"]) > 1
     assert float(values["peak_vram_mb"]) == 0.0 and values["mfu_basis"].startswith("none")
     assert re.search(r"^val_bpb:\s+\d+\.\d{6}$", result.stdout, re.MULTILINE)  # upstream's grep still works
+    assert not (tmp_path / "model.pt2").exists()
 
 
 def test_nan_loss_fails_fast_with_exit_code_3(builtin_cache, tmp_path):
