@@ -2,6 +2,7 @@
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,17 @@ def builtin_cache(tmp_path_factory):
                          "--eval-tokens", str(16 * 256))
     assert result.returncode == 0, result.stderr
     return cache
+
+
+def copy_project(tmp_path):
+    """A fresh git repository holding this project's prepare.py, train.py and scripts/: the
+    starting point of a research session, for tests that run the real helpers end to end."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("prepare.py", "train.py", ".gitignore"):
+        shutil.copy(ROOT / name, repo)
+    shutil.copytree(ROOT / "scripts", repo / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    for command in (["init", "-q", "-b", "main"], ["config", "user.name", "Test"],
+                    ["config", "user.email", "test@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
+        subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
+    return repo

@@ -7,12 +7,12 @@ tokenizer and model, and experiment.py's default training command.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parent.parent
+from conftest import copy_project
+
 
 
 def run(args, cwd, env):
@@ -28,14 +28,7 @@ def session_sandbox(repo):
 
 
 def test_setup_experiment_decide_status_plot_with_the_real_train_py(tmp_path, builtin_cache):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("prepare.py", "train.py", ".gitignore"):
-        shutil.copy(PROJECT / name, repo)
-    shutil.copytree(PROJECT / "scripts", repo / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
-    for command in (["init", "-q", "-b", "main"], ["config", "user.name", "Test"],
-                    ["config", "user.email", "test@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
-        subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
+    repo = copy_project(tmp_path)
     env = dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache))
     for key in ("AUTORESEARCH_TRAIN_COMMAND", "AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE"):
         env.pop(key, None)

@@ -10,10 +10,11 @@ test_helpers_trust.py checks how the helpers record it.) About 20 s on two idle 
 
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import copy_project
 
 PROJECT = Path(__file__).resolve().parent.parent
 CHEAT = PROJECT / "tests" / "fixtures" / "fake_train" / "torch_cheat.py"
@@ -24,14 +25,7 @@ def run(args, cwd, env):
 
 
 def test_the_real_referee_catches_a_monkeypatched_evaluation(tmp_path, builtin_cache):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("prepare.py", "train.py", ".gitignore"):
-        shutil.copy(PROJECT / name, repo)
-    shutil.copytree(PROJECT / "scripts", repo / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
-    for command in (["init", "-q", "-b", "main"], ["config", "user.name", "Test"],
-                    ["config", "user.email", "test@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
-        subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
+    repo = copy_project(tmp_path)
     env = dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache))
     for key in ("AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE"):
         env.pop(key, None)
