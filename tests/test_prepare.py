@@ -380,3 +380,13 @@ def test_train_without_prepared_data_says_which_command_to_run(tmp_path):
 def test_train_refuses_data_prepared_for_another_profile(builtin_cache):
     line = single_error_line(run_train(builtin_cache, AUTORESEARCH_PROFILE="h100"))
     assert "prepared with profile cpu" in line and "uv run prepare.py --profile h100" in line
+
+
+def test_the_helpers_find_the_cache_where_prepare_writes_it(monkeypatch, tmp_path):
+    # scripts/common.py restates these paths so that the helpers never pay for importing torch
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import common
+    for value in (str(tmp_path), ""):
+        monkeypatch.setenv("AUTORESEARCH_CACHE", value)
+        assert common.cache_dir() == prepare.cache_dir()
+        assert common.manifest_path() == prepare.manifest_path()
