@@ -133,6 +133,9 @@ def command_start(args, loop_args):
         options += ["--train-command", train] if train else []
         options += ["--no-sandbox"] if args.backend != "local" and "--no-sandbox" not in loop_args else []
         options += ["--gpu", lane["gpu"]] if lane["gpu"] is not None else []
+        options += ["--track", args.track] if args.track else []
+        if "optuna" in loop_args and "--study-storage" not in loop_args:  # one study that every lane asks
+            options += ["--study-storage", f"sqlite:///{LANES_DIR / tag / 'optuna.db'}", "--study-name", tag]
         code, output = loop(lane, "start", *options)
         if code != 0:
             raise common.Refusal(f"{lane['name']}: loop.py start failed: {output.splitlines()[-1] if output else code}"
@@ -371,6 +374,8 @@ def main(argv=None):
     start.add_argument("--tag", help="name of the set; lane k is branch autoresearch/<tag>-lane<k> (default: today)")
     start.add_argument("--train-command", metavar="CMD", help="the training command (default: train.py with this "
                        "Python; for ray, `python train.py` with the cluster's Python)")
+    start.add_argument("--track", choices=("mlflow", "wandb", "none"),
+                       help="record every lane's experiments in MLflow or W&B (loop.py's --track)")
     start.add_argument("--gpu-ids", metavar="LIST", help="local: the GPU of each lane, comma-separated (default 0..N-1)")
     start.add_argument("--gpus-per-run", type=int, default=1, metavar="N", help="slurm, ray: GPUs per training run")
     start.add_argument("--partition", help="slurm: the partition")

@@ -73,8 +73,9 @@ DEFAULTS = {
     "agent_timeout": 1800, "allow_install": False, "max_experiments": None, "hours": None, "plateau": None,
     "max_failures": 5, "seed": 0, "timeout": None, "train_command": None, "gpu": None,
     "noise_runs": 2, "no_referee": False, "no_sandbox": False,
+    "sampler": "tpe", "study_storage": None, "study_name": None, "track": None,  # --agent optuna; tracking
 }
-SETUP_FLAGS = ("noise_runs", "no_referee", "no_sandbox")  # fixed by the session: start only
+SETUP_FLAGS = ("noise_runs", "no_referee", "no_sandbox", "track")  # fixed by the session: start only
 
 
 class Fatal(Exception):
@@ -273,6 +274,7 @@ class Loop:
             args += ["--deadline", state["deadline"]] if state.get("deadline") else []
             args += ["--no-referee"] if self.options.get("no_referee") else []
             args += ["--no-sandbox"] if self.options.get("no_sandbox") else []
+            args += ["--track", self.options["track"]] if self.options.get("track") else []
             say(helper("setup.py", *args)[1])
         return NOISE
 
@@ -353,13 +355,15 @@ class Loop:
                 return self.reject(error)
             current["proposal"] = proposal
             if proposal["instructions"]:
-                if self.options["agent"] == "random":
+                if self.options["agent"] in ("random", "optuna"):
                     return self.reject("queued instructions need an agent (start with --agent claude, codex, "
                                        "opencode or command); the random proposer can only apply a patch")
                 return self.propose_with_agent(proposal["instructions"])
             return "apply"
         if self.options["agent"] == "random":
             return self.propose_random()
+        if self.options["agent"] == "optuna":
+            return self.propose_optuna()
         return self.propose_with_agent(None)
 
     def propose_random(self):
@@ -371,6 +375,13 @@ class Loop:
             raise Fatal("the random proposer found no untried setting to perturb in train.py's hyperparameter block")
         state["tried"].append(proposal["key"])
         state["current"]["proposal"] = proposal
+        return "apply"
+
+    def propose_optuna(self):
+        import search  # optuna costs a second to import: only for this proposer
+
+        self.state["current"]["proposal"] = search.propose(self.state, common.TRAIN_FILE.read_text(),
+                                                           common.require_manifest())
         return "apply"
 
     def propose_with_agent(self, instructions):
@@ -576,6 +587,10 @@ class Loop:
         current = self.state["current"]
         archive_consumed(current)
         remember_in_notes(self.state)
+        if self.options["agent"] == "optuna":
+            import search
+
+            search.tell(self.state)  # the study learns the outcome (idempotent after a kill)
         plan = (current["proposal"] or {}).get("plan")
         if plan and proposers.IDEA_FILE.exists() and not proposers.PLAN_FILE.exists():
             proposers.PLAN_FILE.write_text(str(plan).strip() + "\n")
@@ -1007,6 +1022,13 @@ def add_run_options(parser, defaults):
                        help="let the agent install packages (uv pip install); recorded in the report. Off by default")
     agent.add_argument("--seed", type=int, default=d("seed"),
                        help="seed of the random proposer (default 0): the same seed proposes the same experiments")
+    agent.add_argument("--sampler", choices=("tpe", "cmaes"), default=d("sampler"),
+                       help="--agent optuna: TPE (default) or CMA-ES")
+    agent.add_argument("--study-storage", metavar="URL", default=d("study_storage"),
+                       help="--agent optuna: where the study lives (default sqlite:///runs/loop/optuna.db); lanes "
+                       "share one through a file or database URL they all reach")
+    agent.add_argument("--study-name", metavar="NAME", default=d("study_name"),
+                       help="--agent optuna: the study's name (default: the session tag)")
     stop = parser.add_argument_group("stop conditions")
     stop.add_argument("--max-experiments", type=int, metavar="N", default=d("max_experiments"),
                       help="stop after N experiments after the baseline")
@@ -1035,6 +1057,9 @@ def add_session_options(parser):
                         help="do not re-score keep candidates with prepare.py (setup.py's --no-referee)")
     parser.add_argument("--no-sandbox", action="store_true",
                         help="train without the sandbox (setup.py's --no-sandbox)")
+    parser.add_argument("--track", choices=("mlflow", "wandb", "none"), default=DEFAULTS["track"],
+                        help="record each experiment in MLflow or W&B (setup.py's --track; default: "
+                        "$AUTORESEARCH_TRACK, else none)")
 
 
 def add_control_options(parser):
@@ -1062,7 +1087,12 @@ def check_agent(options):
         options["agent"] = "command"
     if options["agent"] == "command" and not options["agent_command"]:
         raise common.Refusal("--agent command needs --agent-command TEMPLATE")
-    if options["agent"] != "random" and options["agent"] != "command":
+    if options["agent"] == "optuna":
+        import search
+
+        if not search.installed():
+            raise common.Refusal("--agent optuna needs Optuna: uv sync --group search")
+    elif options["agent"] != "random" and options["agent"] != "command":
         binary = proposers.agent_binary(options["agent"], options["agent_bin"])
         if not proposers.which(binary):
             hint = " (npm ci installs the pinned one)" if options["agent"] == "claude" else ""

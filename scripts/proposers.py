@@ -229,7 +229,7 @@ def random_proposal(train_text, profile, max_seq_len, seed, iteration, tried=())
 # ---------------------------------------------------------------------------
 # Agent CLIs
 
-AGENTS = ("random", "claude", "codex", "opencode", "command")
+AGENTS = ("random", "optuna", "claude", "codex", "opencode", "command")  # optuna: scripts/search.py
 CLAUDE_LOCAL = common.ROOT / "node_modules" / ".bin" / "claude"  # pinned by package-lock.json
 ANSWER_KEYS = ("hypothesis", "description")
 ANSWER_EXAMPLE = {"hypothesis": "what you changed, what you expect val_bpb to do and why",
