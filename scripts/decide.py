@@ -32,6 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import tracking  # noqa: E402
 
 
 def check_branch(session):
@@ -175,6 +176,7 @@ def decide_pending(action, force):
     if summary is not None:
         summary["decision"] = decision
         common.write_json_atomic(summary_path, summary)
+        tracking.submit(summary_path.parent)  # the tracker run's status tag follows the decision
     if status == "keep" and decision.get("new_best"):
         score_held_out(pending, summary, session)
     if status != "keep":
@@ -263,6 +265,7 @@ def backtrack(commit_arg, reason):
     description = f"backtrack to {target.commit} ({reason or target.description})"
     common.append_ledger_row(common.LedgerRow(target.commit, target.val_bpb, target.memory_gb,
                                               "backtrack", description))
+    tracking.submit_backtrack(target.commit, rows)
     print(f"branch reset to {target.commit} (val_bpb {target.val_bpb:.6f}: {target.description})")
     return 0
 

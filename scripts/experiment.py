@@ -40,6 +40,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import tracking  # noqa: E402  (MLflow or W&B when the session tracks; costs nothing otherwise)
 
 DEFAULT_SEED = 42  # train.py's own default for AUTORESEARCH_SEED
 CONSOLE_LIMIT_BYTES = 300  # an agent's context is the scarcest resource of the night
@@ -208,7 +209,9 @@ def console_lines(summary):
 def finish(summary, pending, run_dir):
     """Write the summary and the pending state, print the console line, return the exit code."""
     summary["next"] = next_step(summary)
+    summary["tracking"] = tracking.check()  # a tracker that is down: one warning line, a note here
     common.write_json_atomic(run_dir / "summary.json", summary)
+    tracking.submit(run_dir, summary["tracking"])  # queued for a detached worker: never waits
     pending.update(state="finished", status=summary["status"], verdict=summary["verdict"],
                    val_bpb=summary["val_bpb"] if summary["status"] == "ok" else None,
                    memory_gb=summary["memory_gb"], triage=summary["triage"] and summary["triage"]["kind"],
@@ -350,6 +353,7 @@ def confirm(args):
         "triage": run["failure"], "exit_code": run["exit_code"], "timed_out": run["timed_out"],
         "sandbox": run["sandbox"], "started_at": started_at, "finished_at": common.now_iso(),
         "wall_seconds": run["wall_seconds"], "run_log": run["run_log"]})
+    tracking.submit(run_dir)  # the confirmation's own tracker run, linked to its experiment's
     pending["confirmation"]["state"] = "finished"
     if run["status"] == "ok":
         judge(summary, summary["samples"] + [sample_of(run_dir, seed, run)], rows, session)

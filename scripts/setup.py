@@ -33,6 +33,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import tracking  # noqa: E402
 
 MEMORY_FILES = {  # template name -> where setup puts it
     "notes.md": common.NOTES_FILE,
@@ -124,6 +125,7 @@ def measure_noise(session, commit, count, command=None, timeout=None):
             "metrics": run["metrics"], "triage": run["failure"], "exit_code": run["exit_code"],
             "sandbox": run["sandbox"], "started_at": started_at, "finished_at": common.now_iso(),
             "wall_seconds": run["wall_seconds"], "run_log": run["run_log"]})
+        tracking.submit(run_dir, tracking.check(session))
         if run["status"] != "ok":
             problem = f"noise run {run_dir.name} {run['status']} ({run['failure']['kind']}: {run['failure']['detail']})"
             break
@@ -173,6 +175,9 @@ def main():
     parser.add_argument("--no-referee", action="store_true",
                         help="keep results without re-scoring the saved model with prepare.py (they are "
                         "recorded as unverified)")
+    parser.add_argument("--track", choices=("mlflow", "wandb", "none"),
+                        help="record every experiment in MLflow or W&B (scripts/tracking.py; default: "
+                        "$AUTORESEARCH_TRACK, else none)")
     args = parser.parse_args()
     if args.noise_runs < 0:
         raise common.Refusal("--noise-runs must be 0 or more")
@@ -200,6 +205,7 @@ def main():
         raise common.Refusal(common.pending_message(pending) + " before starting a new session")
     manifest = common.require_manifest()
 
+    track = tracking.choose(args.track)  # refused here, before anything changes
     archived = archive_previous_session()
     start_commit = common.head_commit()
     common.git("checkout", "-q", "-b", branch)
@@ -224,6 +230,7 @@ def main():
         "referee": "off" if args.no_referee else "on",
         "noise_bpb": None,
         "noise_runs": [],
+        "track": track,  # mlflow, wandb or None
     }
     common.write_json_atomic(common.SESSION_FILE, session)  # its existence means setup completed
     moved = f"; earlier session moved to {archived.relative_to(common.ROOT)}" if archived else ""
