@@ -65,7 +65,7 @@ def check_preconditions(session, confirming=False):
     if others:
         raise common.Refusal(f"only train.py may change, but these differ from HEAD: {', '.join(others)} "
                              f"(revert: git checkout HEAD -- {' '.join(others)})")
-    common.check_pins(session)
+    common.check_pins(session, data=True)  # the data by size, time and inode where large
     manifest = common.require_manifest()
     for key in ("profile", "dataset"):
         if manifest.get(key) != session.get(key):
@@ -124,13 +124,33 @@ def cuda_version(torch):
 
 
 def sample_of(run_dir, seed, run):
-    return {"run": run_dir.name, "seed": seed, "val_bpb": run["val_bpb"], "referee": None}
+    """One run of an experiment: val_bpb is the number that counts (the referee's, see common.score_run),
+    claimed what train.py printed (None under the sandbox, which hides the evaluation data)."""
+    return {"run": run_dir.name, "seed": seed, "val_bpb": run["value"], "claimed": run["val_bpb"],
+            "referee": run["referee"], "compute_seconds": run["compute_seconds"]}
 
 
 def sample_value(sample):
     """The number that counts for one run: the referee's when it verified it, else train.py's."""
     referee = sample.get("referee") or {}
     return referee["bpb"] if referee.get("status") == "verified" else sample["val_bpb"]
+
+
+def referee_status(samples, session):
+    """verified, unverified (a run the referee could not score), invalid, or off (--no-referee)."""
+    if session.get("referee") == "off":
+        return "off"
+    statuses = [sample["referee"]["status"] for sample in samples if sample.get("referee")]
+    return next((status for status in ("invalid", "unverified") if status in statuses), "verified")
+
+
+def record_protections(summary, samples, guards):
+    """summary.json's protections, referee and verified: verified only when the referee scored every run
+    and nothing was lowered."""
+    summary["protections"] = guards
+    summary["verified"] = summary["referee"] == "verified" and all(
+        common.is_verified(guards, (sample.get("referee") or {}).get("status"))
+        for sample in samples if not sample.get("noise"))
 
 
 def judge(summary, samples, rows, session):
@@ -146,28 +166,6 @@ def judge(summary, samples, rows, session):
         delta_noise_units=round(common.noise_units(value - best_val, noise), 2) if best else None,
         verdict=common.verdict(value, best_val, noise, summary["train_py_lines"], summary["parent_train_py_lines"],
                                runs=len(samples), change=summary["change"]))
-
-
-def referee_samples(summary, session, manifest, rows):
-    """Re-score every refereeable run of a keep candidate with the trusted evaluator, then judge again
-    on the referee's numbers. Sets summary["referee"] to verified, unverified, invalid or off."""
-    if session.get("referee") == "off":
-        summary["referee"] = "off"
-        return
-    timeout = common.default_timeout(manifest)
-    for sample in summary["samples"]:
-        if sample.get("noise") or sample.get("referee"):
-            continue  # setup's noise runs of the start commit: the human's code, not exported
-        scored = common.score_saved_model(common.RUNS_DIR / sample["run"], "val", session, timeout)
-        sample["referee"] = common.referee_verdict(sample["val_bpb"], scored)
-    statuses = [sample["referee"]["status"] for sample in summary["samples"] if sample.get("referee")]
-    summary["referee"] = next((s for s in ("invalid", "unverified") if s in statuses), "verified")
-    summary["referee_seconds"] = round(sum(s["referee"]["seconds"] for s in summary["samples"] if s.get("referee")), 3)
-    if summary["referee"] == "invalid":
-        detail = next(s["referee"]["detail"] for s in summary["samples"] if (s.get("referee") or {}).get("status") == "invalid")
-        summary.update(status="invalid", verdict="invalid", triage={"kind": "referee", "detail": detail, "excerpt": []})
-    else:
-        judge(summary, summary["samples"], rows, session)
 
 
 def next_step(summary):
@@ -190,8 +188,9 @@ def console_lines(summary):
         lines = [ascii_line(f"{number} {commit} {kind} ({failure['kind']}): {failure['detail']}", 160)]
         lines += [ascii_line(line, 75) for line in failure["excerpt"][:1]]
         return lines + [ascii_line(f"log {summary['run_log']}; next: decide.py discard", 60)]
-    seconds = summary["metrics"].get("training_seconds")
+    seconds = summary.get("compute_seconds")
     seconds = seconds if common.is_finite_number(seconds) else summary["wall_seconds"]
+    clock = "cpu" if summary.get("clock") == "cpu_time" else "wall"
     best = summary["best_before"]
     runs = f" mean of {summary['runs']} runs" if summary["runs"] > 1 else ""
     if best:
@@ -199,10 +198,15 @@ def console_lines(summary):
                    f"{summary['delta_noise_units']:+.1f} noise")
     else:
         against = f"baseline; noise {summary['noise_bpb']:.6f}"
-    unverified = f", unverified: {summary['samples'][0]['referee']['detail']}" if summary.get("referee") == "unverified" else ""
+    unverified = ""
+    if summary.get("referee") == "unverified":
+        detail = next(s["referee"]["detail"] for s in summary["samples"] if (s.get("referee") or {}).get("status") == "unverified")
+        unverified = f", unverified: {detail}"
+    off = common.protections_off(summary.get("protections") or {})
+    lowered = f"; {', '.join(off)}" if off else ""
     step = summary["next"].replace("uv run scripts/", "")
     line = (f"{number} {commit} val_bpb {summary['val_bpb']:.6f}{runs} ({against}) mem {summary['memory_gb']:.1f} GB "
-            f"train {seconds:.1f} s: {summary['verdict']}{unverified} (next: {step})")
+            f"{clock} {seconds:.1f} s: {summary['verdict']}{unverified}{lowered} (next: {step})")
     return [ascii_line(line, CONSOLE_LIMIT_BYTES - 1)]
 
 
@@ -260,11 +264,8 @@ def run_experiment(args):
         pending["training_pgid"] = pid
         common.write_json_atomic(common.PENDING_FILE, pending)
 
-    best = common.best_kept(rows)
-    # a keep needs val_bpb below the best, or within the noise band for a simplification
-    export_below = best.val_bpb + common.noise_band(session) if best else None
-    run = common.train_run(run_dir, command, seed, timeout, session, export=True, on_start=record_training_pid,
-                           export_below=export_below)
+    run = common.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid)
+    common.score_run(run, run_dir, session, timeout)  # every run is scored by the referee: its number decides
     if not linked:
         common.RUN_LOG.write_bytes(run_log.read_bytes())
     peak_vram_mb = run["metrics"].get("peak_vram_mb")
@@ -280,25 +281,38 @@ def run_experiment(args):
         "parent_train_py_lines": parent_lines, "samples": [], "runs": 0, "confirmations": [], "referee": None,
         "seed": seed, "command": command, "timeout_s": timeout, "exit_code": run["exit_code"],
         "timed_out": run["timed_out"], "sandbox": run["sandbox"], "started_at": started_at,
-        "finished_at": common.now_iso(), "wall_seconds": run["wall_seconds"],
+        "finished_at": common.now_iso(), "wall_seconds": run["wall_seconds"], "cpu_seconds": run["cpu_seconds"],
+        "compute_seconds": run["compute_seconds"], "clock": run["clock"], "compute_limit_s": run["compute_limit_s"],
+        "protections": run["protections"], "verified": False, "self_reported": run["self_reported"],
         "profile": manifest.get("profile"), "dataset": manifest.get("dataset"), "manifest": manifest,
         "prepare_sha256": session["prepare_sha256"], "session": session["tag"],
         "host": os.uname().nodename, "platform": " ".join(os.uname()[i] for i in (0, 2, 4)),
         "python": platform.python_version(), "torch": torch, "cuda": cuda_version(torch),
         "run_log": run["run_log"],
     }
+    if run["referee"]:
+        summary["referee_seconds"] = run["referee"]["seconds"]
     if run["status"] == "ok":
         # Setup's noise runs re-ran this very commit (the baseline) under other seeds: they count too.
         noise_runs = [{"run": sample["run"], "seed": sample["seed"], "val_bpb": sample["val_bpb"], "noise": True}
                       for sample in session.get("noise_runs") or []
                       if sample["commit"] == commit and sample["seed"] != seed and sample["run"] != run_dir.name]
         judge(summary, [sample_of(run_dir, seed, run)] + noise_runs, rows, session)
-        if summary["verdict"] in common.KEEP_VERDICTS:
-            referee_samples(summary, session, manifest, rows)
-        if summary["status"] == "ok" and noise_runs:  # and this run is one more sample of the noise
-            common.record_noise_sample(session, run_dir.name, commit, seed, sample_value(summary["samples"][0]))
-            common.write_json_atomic(common.SESSION_FILE, session)
+        summary["referee"] = referee_status(summary["samples"], session)
+        record_protections(summary, summary["samples"], run["protections"])
+        changed_session = False
+        if noise_runs:  # this run is one more sample of the noise
+            changed_session = common.record_noise_sample(session, run_dir.name, commit, seed, run["value"])
             summary["noise_bpb"] = common.noise_band(session)
+        if commit == session["start_commit"]:  # the human's code: its overhead sets the compute allowance
+            common.record_overhead(session, run)
+            changed_session = True
+        if changed_session:
+            common.write_json_atomic(common.SESSION_FILE, session)
+    else:
+        summary["protections"] = run["protections"]
+        if run["status"] == "invalid":
+            summary["verdict"] = "invalid"
     return finish(summary, pending, run_dir)
 
 
@@ -345,20 +359,23 @@ def confirm(args):
 
     command = common.training_command(args.train_command)
     started_at = common.now_iso()
-    run = common.train_run(run_dir, command, seed, timeout, session, export=True, on_start=record_training_pid)
+    run = common.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid)
+    common.score_run(run, run_dir, session, timeout)
     common.write_json_atomic(run_dir / "summary.json", {
         "id": run_dir.name[:4], "kind": "confirmation", "confirms": pending["run_dir"].split("/")[-1],
         "description": f"confirmation of {pending['id']}: {pending['description']}", "commit": commit,
-        "seed": seed, "status": run["status"], "val_bpb": run["val_bpb"], "metrics": run["metrics"],
+        "seed": seed, "status": run["status"], "val_bpb": run["value"] if run["status"] == "ok" else None,
+        "claimed": run["val_bpb"], "referee": run["referee"], "metrics": run["metrics"],
         "triage": run["failure"], "exit_code": run["exit_code"], "timed_out": run["timed_out"],
-        "sandbox": run["sandbox"], "started_at": started_at, "finished_at": common.now_iso(),
-        "wall_seconds": run["wall_seconds"], "run_log": run["run_log"]})
+        "sandbox": run["sandbox"], "protections": run["protections"], "started_at": started_at,
+        "finished_at": common.now_iso(), "wall_seconds": run["wall_seconds"], "cpu_seconds": run["cpu_seconds"],
+        "compute_seconds": run["compute_seconds"], "clock": run["clock"], "run_log": run["run_log"]})
     tracking.submit(run_dir)  # the confirmation's own tracker run, linked to its experiment's
     pending["confirmation"]["state"] = "finished"
     if run["status"] == "ok":
         judge(summary, summary["samples"] + [sample_of(run_dir, seed, run)], rows, session)
-        if summary["verdict"] in common.KEEP_VERDICTS:
-            referee_samples(summary, session, manifest, rows)
+        summary["referee"] = referee_status(summary["samples"], session)
+        record_protections(summary, summary["samples"], summary.get("protections") or run["protections"])
     elif run["status"] == "invalid":  # the same code under another seed looked ahead or tampered
         summary.update(status="invalid", verdict="invalid", triage=run["failure"])
     elif run["interrupted"]:

@@ -107,7 +107,9 @@ NOISE_SEED_START = 43  # the baseline runs under 42, train.py's default
 
 def measure_noise(session, commit, count, command=None, timeout=None):
     """Train `commit` (it must be HEAD) `count` times under seeds not yet used for it, each in its own
-    runs/ folder (kind "noise", no saved model), adding each result to the session's noise samples.
+    runs/ folder (kind "noise"; the referee scores its model, which is then deleted), adding each
+    result to the session's noise samples and, for the starting commit (the human's code), its
+    compute beyond the budget to the overheads that set the allowance.
     Returns (the number of runs that finished, a line about the first that did not, or None)."""
     manifest = common.require_manifest()
     timeout = timeout or common.default_timeout(manifest)
@@ -118,18 +120,25 @@ def measure_noise(session, commit, count, command=None, timeout=None):
         seed = common.next_seed(used, NOISE_SEED_START)
         run_dir = common.new_run_dir(commit)
         started_at = common.now_iso()
-        run = common.train_run(run_dir, command, seed, timeout, session, export=False)
+        run = common.train_run(run_dir, command, seed, timeout, session)
+        common.score_run(run, run_dir, session, timeout)
+        common.delete_saved_models([run_dir])
         common.write_json_atomic(run_dir / "summary.json", {
             "id": run_dir.name[:4], "kind": "noise", "description": f"noise run of {commit[:7]} (seed {seed})",
-            "commit": commit, "seed": seed, "status": run["status"], "val_bpb": run["val_bpb"],
-            "metrics": run["metrics"], "triage": run["failure"], "exit_code": run["exit_code"],
-            "sandbox": run["sandbox"], "started_at": started_at, "finished_at": common.now_iso(),
-            "wall_seconds": run["wall_seconds"], "run_log": run["run_log"]})
+            "commit": commit, "seed": seed, "status": run["status"],
+            "val_bpb": run["value"] if run["status"] == "ok" else None, "claimed": run["val_bpb"],
+            "referee": run["referee"], "self_reported": run["self_reported"], "metrics": run["metrics"],
+            "triage": run["failure"], "exit_code": run["exit_code"], "sandbox": run["sandbox"],
+            "protections": run["protections"], "started_at": started_at, "finished_at": common.now_iso(),
+            "wall_seconds": run["wall_seconds"], "cpu_seconds": run["cpu_seconds"],
+            "compute_seconds": run["compute_seconds"], "clock": run["clock"], "run_log": run["run_log"]})
         tracking.submit(run_dir, tracking.check(session))
         if run["status"] != "ok":
             problem = f"noise run {run_dir.name} {run['status']} ({run['failure']['kind']}: {run['failure']['detail']})"
             break
-        common.record_noise_sample(session, run_dir.name, commit, seed, run["val_bpb"])
+        common.record_noise_sample(session, run_dir.name, commit, seed, run["value"])
+        if commit == session["start_commit"]:
+            common.record_overhead(session, run)
         common.write_json_atomic(common.SESSION_FILE, session)  # after each run: a kill keeps what was measured
         finished += 1
     return finished, problem
@@ -148,12 +157,27 @@ def measure_noise_again(count):
     if changed:
         raise common.Refusal(f"uncommitted changes to tracked files ({', '.join(changed)}): the noise runs "
                              "train HEAD as committed; commit or revert them first")
-    common.check_pins(session)
+    common.check_pins(session, data=True)
     before = common.noise_band(session)
     finished, problem = measure_noise(session, common.head_commit(), count)
     print(f"noise {common.noise_summary(session)} after {finished} more run{'s' * (finished != 1)} of "
           f"{common.head_commit()[:7]} (was {before:.6f})" + (f"; {problem}" if problem else ""))
     return 1 if problem else 0
+
+
+def refuse_silent_downgrade(args):
+    """--no-sandbox or --no-referee in place of a session that had them on would quietly lower the
+    protection of everything that follows: refused unless --new-session says it is meant."""
+    previous = common.load_session()
+    if not previous or args.new_session:
+        return
+    lowered = [flag for flag, used, key in (("--no-sandbox", args.no_sandbox, "sandbox"),
+                                             ("--no-referee", args.no_referee, "referee"))
+               if used and previous.get(key) != "off"]
+    if lowered:
+        raise common.Refusal(f"session {previous.get('tag')} runs with the {' and '.join(f[5:] for f in lowered)} on: "
+                             f"{' '.join(lowered)} would replace it with a less protected one; a human who means "
+                             "it adds --new-session")
 
 
 def main():
@@ -178,10 +202,15 @@ def main():
     parser.add_argument("--track", choices=("mlflow", "wandb", "none"),
                         help="record every experiment in MLflow or W&B (scripts/tracking.py; default: "
                         "$AUTORESEARCH_TRACK, else none)")
+    parser.add_argument("--new-session", action="store_true",
+                        help="with --no-sandbox or --no-referee: replace a session that had them on (archived)")
     args = parser.parse_args()
     if args.noise_runs < 0:
         raise common.Refusal("--noise-runs must be 0 or more")
     if args.measure_noise:
+        if args.no_sandbox or args.no_referee or args.new_session:
+            raise common.Refusal("--measure-noise runs under the session's own protections: it takes no "
+                                 "--no-sandbox, --no-referee or --new-session")
         if args.noise_runs < 1:
             raise common.Refusal("--measure-noise needs --noise-runs 1 or more")
         return measure_noise_again(args.noise_runs)
@@ -204,6 +233,7 @@ def main():
     if pending:
         raise common.Refusal(common.pending_message(pending) + " before starting a new session")
     manifest = common.require_manifest()
+    refuse_silent_downgrade(args)
 
     track = tracking.choose(args.track)  # refused here, before anything changes
     archived = archive_previous_session()
@@ -218,7 +248,8 @@ def main():
         "start_commit": start_commit,
         "prepare_sha256": common.sha256_file(common.PREPARE_FILE),
         "helper_sha256": common.helper_hashes(),
-        "data_sha256": common.data_hashes(),
+        "protocol_sha256": common.protocol_hashes(),  # .claude/settings.json and .claude/hooks/*
+        "data_pins": common.data_pins(),  # every prepared file: sha256, size, mtime_ns, inode
         "profile": manifest.get("profile"),
         "dataset": manifest.get("dataset"),
         "time_budget": manifest.get("time_budget"),
@@ -228,6 +259,10 @@ def main():
         "sandbox": sandbox.split(":")[0],  # on, off or unavailable
         "sandbox_problem": sandbox[len("unavailable: "):] if sandbox.startswith("unavailable") else None,
         "referee": "off" if args.no_referee else "on",
+        "lowered": [flag for flag, used in (("--no-sandbox", args.no_sandbox), ("--no-referee", args.no_referee))
+                    if used],
+        "allowance_s": None,  # compute beyond the budget a run may use; measured on the noise runs
+        "overheads_s": [],
         "noise_bpb": None,
         "noise_runs": [],
         "track": track,  # mlflow, wandb or None

@@ -121,6 +121,32 @@ def pid_gone(pid):
     return state in ("Z", "X")
 
 
+def hang_pids(repo):
+    """Live pids (as this machine sees them) of hang.py and its child in `repo`'s runs, found by the
+    FAKE_PID_FILE in their environment: in the sandbox they cannot write that file, and their own
+    pids are those of the sandbox's PID namespace."""
+    marker = f"FAKE_PID_FILE={repo.path.parent / 'pids'}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
+            command = Path(f"/proc/{name}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if marker in environ and (b"hang.py" in command or b"SIG_IGN" in command) and not command.startswith(b"bwrap"):
+            if not pid_gone(int(name)):
+                found.append(int(name))
+    return sorted(found)
+
+
+def wait_for_hang(repo, count, seconds=20):
+    deadline = time.monotonic() + seconds
+    while len(hang_pids(repo)) < count:
+        assert time.monotonic() < deadline, "the hanging run never started"
+        time.sleep(0.05)
+    return hang_pids(repo)
+
+
 def wait_for(path, seconds=20):
     deadline = time.monotonic() + seconds
     while not path.exists():
@@ -257,8 +283,11 @@ def test_train_command_option_seed_and_root_run_log(session):
     assert session.summary("0001")["seed"] == 7 and session.summary("0001")["metrics"]["seed"] == 7
     run_log = session.path / "run.log"
     assert run_log.resolve() == next((session.path / "runs").glob("0001-*")).resolve() / "run.log"
+    # train.py's own line (a fake that sees no sandboxed evaluation data prints one anyway), then the
+    # referee's, appended by the helper: the last one is the number that decided
     assert [line for line in run_log.read_text().splitlines() if line.startswith("val_bpb:")] == [
-        "val_bpb:          0.900000"]
+        "val_bpb:          0.900000", "val_bpb:          0.900000"]
+    assert run_log.read_text().splitlines()[-2].startswith("referee:          runs/0001-")
 
 
 @pytest.mark.parametrize("script, kind, words", [
@@ -286,8 +315,8 @@ def test_hung_run_and_its_child_are_killed(session):
     result = session.experiment("hang", None, "--timeout", "1", train=fake("hang.py"))
     elapsed = time.monotonic() - started
     assert result.returncode == 1 and "crash (timeout)" in result.stdout
-    pids = [int(pid) for pid in (session.path.parent / "pids").read_text().split()]
-    assert len(pids) == 2 and all(pid_gone(pid) for pid in pids)
+    assert "step 00000" in (session.path / "run.log").read_text()  # it ran, and hang.py starts its child first
+    assert hang_pids(session) == []
     assert elapsed < 1 + KILL_GRACE + 3
     ok(session.run("decide", "discard"))
     assert session.rows()[-1][3] == "crash"
@@ -309,12 +338,11 @@ def test_sigterm_to_experiment_stops_training_and_records_a_crash(session):
     process = subprocess.Popen([sys.executable, "scripts/experiment.py", "interrupted"], cwd=session.path,
                                env=dict(session.env, AUTORESEARCH_TRAIN_COMMAND=fake("hang.py"), FAKE_HANG_CHILD="0"),
                                stdout=subprocess.PIPE, text=True)
-    wait_for(session.path.parent / "pids")
+    wait_for_hang(session, 1)
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=30)
     assert process.returncode == 1 and "crash (interrupted)" in stdout
-    (pid,) = map(int, (session.path.parent / "pids").read_text().split())
-    assert pid_gone(pid)
+    assert hang_pids(session) == []
     assert "recorded as crash" in ok(session.run("decide", "discard"))
 
 
@@ -419,11 +447,17 @@ def test_kill_between_commit_and_record_is_detected_and_closed(session):
         f.write("# killed\n")
     process = subprocess.Popen([sys.executable, "scripts/experiment.py", "killed"], cwd=session.path,
                                env=dict(session.env, AUTORESEARCH_TRAIN_COMMAND=fake("hang.py"), FAKE_HANG_CHILD="0"))
-    wait_for(session.path.parent / "pids")
+    (training,) = wait_for_hang(session, 1)
     process.kill()
     process.wait()
-    (training,) = map(int, (session.path.parent / "pids").read_text().split())
-    assert not pid_gone(training)  # orphaned: experiment.py could not clean up after SIGKILL
+    sandboxed = json.loads((session.path / "runs" / "session.json").read_text())["sandbox"] == "on"
+    if sandboxed:  # bwrap --die-with-parent: the run's PID namespace ends with experiment.py
+        deadline = time.monotonic() + 10
+        while not pid_gone(training):
+            assert time.monotonic() < deadline, "training outlived a killed experiment.py in the sandbox"
+            time.sleep(0.05)
+    else:
+        assert not pid_gone(training)  # orphaned: experiment.py could not clean up after SIGKILL
     refused(session.experiment("next", edit=False), "experiment 0002 was interrupted", "decide.py discard")
     assert "0002" in json.loads(ok(session.run("status", "--json")))["pending"]["message"]
     assert "recorded as crash" in ok(session.run("decide", "keep"))
