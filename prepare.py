@@ -13,9 +13,13 @@ Usage:
 
 Everything lands in $AUTORESEARCH_CACHE (default ~/.cache/autoresearch):
     downloads/climbmix/shard_NNNNN.parquet     raw shards, kept between preparations
-    prepared/                                  tokenizer, token caches, eval rows, prepared.json
+    prepared/                                  what training reads: prepared.json, tokenizer.json,
+                                               token_bytes.npy, train_tokens.bin, train_offsets.npy
+    prepared/eval/                             what only the referee reads: val/test rows and token caches
+    compile/                                   inductor and Triton caches, kept between experiments
 prepared/ is built under a temporary name and renamed into place only when complete, and
-prepared.json is written last, so an interrupted prepare never leaves half-written data.
+prepared.json is written last, so an interrupted prepare never leaves half-written data. The
+helpers' sandbox hides prepared/eval/ from training, so the score that decides comes from the referee.
 """
 
 import argparse
@@ -25,9 +29,11 @@ import concurrent.futures
 import contextlib
 import datetime
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -77,8 +83,16 @@ def prepared_dir():
     return cache_dir() / "prepared"
 
 
+def eval_dir():
+    """Evaluation rows and the val/test token caches: the referee's, never training's."""
+    return prepared_dir() / "eval"
+
+
 def manifest_path():
     return prepared_dir() / "prepared.json"
+
+
+LAYOUT = 2  # prepared.json's "layout": 2 put the evaluation data under prepared/eval/
 
 
 def fail(message):
@@ -557,12 +571,14 @@ def prepare(args):
         check_round_trip(tokenizer, splits["val"])
         save_tokenizer(tokenizer, building / "tokenizer.json")
         np.save(building / "token_bytes.npy", tokenizer.token_bytes())
-        counts = {split: write_token_cache(tokenizer, docs, building, split) for split, docs in splits.items()}
+        (building / "eval").mkdir()
+        counts = {split: write_token_cache(tokenizer, docs, building if split == "train" else building / "eval", split)
+                  for split, docs in splits.items()}
         rows = constants["eval_tokens"] // constants["max_seq_len"]
         for split in ("val", "test"):
-            write_eval_rows(TokenCache(building, split), tokenizer.bos_token_id, constants["max_seq_len"] + 1,
-                            rows, building / f"{split}_rows.npy", split)
-        manifest = dict(profile=args.profile, dataset=args.dataset, **constants,
+            write_eval_rows(TokenCache(building / "eval", split), tokenizer.bos_token_id, constants["max_seq_len"] + 1,
+                            rows, building / "eval" / f"{split}_rows.npy", split)
+        manifest = dict(profile=args.profile, dataset=args.dataset, layout=LAYOUT, **constants,
                         prepared_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         documents={split: len(docs) for split, docs in splits.items()},
                         tokens=counts, source=source)
@@ -617,6 +633,9 @@ def require_prepared_dir():
         if not manifest_path().exists():
             fail(f"no prepared data in {cache_dir()}: run `uv run prepare.py` (offline: `uv run prepare.py --dataset builtin`)")
         _manifest = json.loads(manifest_path().read_text())
+        if _manifest.get("layout") != LAYOUT:
+            fail(f"the data in {cache_dir()} was prepared in an old layout (evaluation data readable by "
+                 f"training): run `uv run prepare.py --dataset {_manifest.get('dataset', 'builtin')}` again")
         for key, variable, option in (("profile", "AUTORESEARCH_PROFILE", "--profile"),
                                       ("dataset", "AUTORESEARCH_DATASET", "--dataset")):
             expected = os.environ.get(variable)
@@ -629,6 +648,12 @@ def require_prepared_dir():
 def manifest():
     require_prepared_dir()
     return _manifest
+
+
+def evaluation_available():
+    """Whether this process can read the evaluation rows: yes by hand, no inside the helpers'
+    training sandbox (which hides prepared/eval/), where the referee scores the saved model."""
+    return os.access(eval_dir() / "val_rows.npy", os.R_OK)
 
 
 def __getattr__(name):
@@ -676,6 +701,89 @@ def is_out_of_memory(error):
     return isinstance(error, MemoryError) or "out of memory" in str(error).lower()
 
 
+# ---------------------------------------------------------------------------
+# Hardware: the device, the budget's clock, and the peak FLOPS that MFU is measured against
+# ---------------------------------------------------------------------------
+
+# The lowest Linux driver each CUDA major version runs on (NVIDIA's minor-version compatibility table).
+CUDA_MIN_DRIVER = {"11": "450.80.02", "12": "525.60.13", "13": "580.65.06"}
+
+
+def detect_device():
+    """The device to train on. A GPU profile without a usable GPU stops here, in one line, rather
+    than training for hours on the CPU. Compile caches go under $AUTORESEARCH_CACHE/compile so that
+    later experiments (and lanes sharing the cache) skip the kernels compiled before."""
+    import torch
+    for variable, folder in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+        os.environ.setdefault(variable, str(cache_dir() / "compile" / folder))
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    profile = manifest()["profile"]
+    if torch.backends.mps.is_available() and profile != "h100":
+        return torch.device("mps")
+    if profile != "cpu":
+        fail(f"profile {profile} needs a GPU, but {cuda_problem()}; "
+             f"on a CPU prepare with --profile cpu")
+    return torch.device("cpu")
+
+
+def cuda_problem():
+    """What torch sees instead of a GPU, and the driver its CUDA build needs."""
+    import torch
+    if not torch.version.cuda:
+        return f"torch {torch.__version__} is a CPU-only build (install a CUDA build of torch)"
+    try:
+        torch.cuda.init()
+        seen = f"{torch.cuda.device_count()} CUDA devices"
+    except Exception as error:  # torch explains a missing or too old driver only here
+        seen = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    needed = CUDA_MIN_DRIVER.get(torch.version.cuda.split(".")[0], "a recent one")
+    return (f"torch {torch.__version__} (CUDA {torch.version.cuda}, needs NVIDIA driver >= {needed}) "
+            f"sees no GPU: {seen}")
+
+
+def training_clock():
+    """Seconds on the clock the training budget is charged to. The cpu profile counts the CPU time
+    of the process (all its threads), so a machine busy with other work trains the same number of
+    steps, only slower; on a GPU, wall time, as upstream."""
+    return time.process_time() if manifest()["profile"] == "cpu" else time.perf_counter()
+
+
+# Dense bf16 tensor-core peaks in TFLOPS (vendor datasheets), matched as a substring of the
+# device name, in order, so "H100 PCIe" is tried before "H100" and "L40S" before "L4".
+GPU_PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.5), ("H200", 989.5), ("H800", 989.5),
+    ("GH200", 989.5), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("RTX A6000", 154.8), ("RTX 6000 Ada", 364.0), ("RTX 5090", 209.5), ("RTX 4090", 165.2),
+    ("RTX 4080", 97.5), ("RTX 3090", 71.0),
+)
+
+
+def peak_flops(device):
+    """(peak FLOPS or None, a note saying what MFU is measured against)."""
+    import torch
+    if device.type != "cuda":
+        return None, f"none: no peak FLOPS for {device.type}"
+    name = torch.cuda.get_device_name(device)
+    for pattern, tflops in GPU_PEAK_BF16_TFLOPS:
+        if pattern in name:
+            return tflops * 1e12, f"{name}, {tflops:g} TFLOPS bf16"
+    return None, f"none: {name} is not in the peak FLOPS table"
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: val_bpb and the causality probe
+# ---------------------------------------------------------------------------
+
+def eval_batch(rows, device):
+    """(inputs, targets) of a slice of evaluation rows, both contiguous: the probe builds its
+    batches here too, so that a compiled model sees the very same strides and never recompiles."""
+    import torch
+    chunk = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(device)
+    return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+
 def score_rows(model, rows, batch_size, token_bytes):
     """Sum of nats and of bytes over every target of `rows`, skipping special tokens (0 bytes).
     The cross-entropy is computed here, in float32, from the model's logits."""
@@ -686,8 +794,7 @@ def score_rows(model, rows, batch_size, token_bytes):
     total_bytes = torch.zeros((), dtype=torch.float64, device=device)
     start = 0
     while start < len(rows):
-        chunk = torch.from_numpy(rows[start:start + batch_size].astype(np.int64)).to(device)
-        inputs, targets = chunk[:, :-1], chunk[:, 1:]
+        inputs, targets = eval_batch(rows[start:start + batch_size], device)
         try:
             logits = model(inputs)
             nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
@@ -705,39 +812,44 @@ def score_rows(model, rows, batch_size, token_bytes):
         counted = weights > 0
         total_nats += nats[counted].double().sum()
         total_bytes += weights.double().sum()
-        start += len(chunk)
+        start += len(inputs)
     return total_nats.item(), total_bytes.item(), batch_size
 
 
-# A model that looks ahead changes earlier logits wherever the probe falls, so a few rows catch it
-# (a full batch cost two forward passes of it, 10% of an experiment on the cpu profile). On CUDA the
-# probe uses the evaluation's own batch shape instead: a new shape would recompile the model.
-CAUSALITY_PROBE_ROWS = 8
+def invalid(message):
+    """The verdict on a model or artifact that breaks the protocol: exit code 4, whatever its score."""
+    print(f"invalid: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(4)
 
 
 def check_causality(model, rows, batch_size):
-    """Changing the token at a position j must leave every logit before j unchanged. Probes a few
-    rows drawn from the whole split, each with its own j, both fresh from the OS's entropy so a
-    model cannot recognise the probe; a model that looks ahead is reported `invalid` (exit code 4),
-    whatever its score."""
+    """Changing the token at a position j must leave every logit before j unchanged.
+
+    The probe looks exactly like evaluation: batches of the evaluation's own shapes (a full batch,
+    and the last, partial one where the split has one), contiguous as score_rows builds them, of
+    rows drawn from the whole split, each row with its own j, rows and positions fresh from the
+    OS's entropy. So a model cannot tell the probe from the evaluation by shape, by stride or by
+    where it falls; a model that looks ahead is reported `invalid` (exit code 4)."""
     import torch
     device = next(model.parameters()).device
-    count = min(batch_size, len(rows) if device.type == "cuda" else CAUSALITY_PROBE_ROWS)
-    generator = np.random.default_rng()
-    chosen = np.sort(generator.choice(len(rows), size=count, replace=False))
-    probe = torch.from_numpy(rows[chosen, :-1].astype(np.int64)).to(device)
-    positions = generator.integers(1, probe.size(1), size=probe.size(0))
-    changed = probe.clone()
+    shapes = {min(batch_size, len(rows))}
+    if len(rows) > batch_size and len(rows) % batch_size:
+        shapes.add(len(rows) % batch_size)
+    generator = np.random.default_rng()  # seeded from the OS, never from anything the model can know
     vocab_size = manifest()["vocab_size"]
-    for row, position in enumerate(positions):
-        changed[row, position] = (changed[row, position] + 1) % vocab_size
-    with torch.no_grad():
-        before, after = model(probe).float(), model(changed).float()
-    for row, position in enumerate(positions):
-        if not torch.allclose(before[row, :position], after[row, :position], rtol=1e-3, atol=1e-3):
-            print(f"invalid: the model is not causal: changing token {position} of an eval row changed "
-                  f"the logits before it", file=sys.stderr, flush=True)
-            raise SystemExit(4)
+    for count in sorted(shapes, reverse=True):
+        chosen = np.sort(generator.choice(len(rows), size=count, replace=False))
+        original = np.array(rows[chosen])
+        positions = generator.integers(1, original.shape[1] - 1, size=count)
+        changed = original.copy()
+        changed[np.arange(count), positions] = (changed[np.arange(count), positions].astype(np.int64) + 1) % vocab_size
+        with torch.no_grad():
+            before = model(eval_batch(original, device)[0]).float()
+            after = model(eval_batch(changed, device)[0]).float()
+        for row, position in enumerate(positions):
+            if not torch.allclose(before[row, :position], after[row, :position], rtol=1e-3, atol=1e-3):
+                invalid(f"the model is not causal: changing token {position} of an eval row changed the logits "
+                        f"before it")
 
 
 def evaluate_bpb(model, batch_size, split="val"):
@@ -749,7 +861,8 @@ def evaluate_bpb(model, batch_size, split="val"):
     import torch
     if split not in ("val", "test"):
         raise ValueError(f"split must be val or test, got {split!r}")
-    rows = np.load(require_prepared_dir() / f"{split}_rows.npy", mmap_mode="r")
+    require_prepared_dir()
+    rows = np.load(eval_dir() / f"{split}_rows.npy", mmap_mode="r")
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device)
     with torch.no_grad():
@@ -759,27 +872,304 @@ def evaluate_bpb(model, batch_size, split="val"):
 
 
 # ---------------------------------------------------------------------------
-# The trusted evaluator: scores a saved model in a process that never imports train.py
+# The end of every run: evaluate in-process when allowed, save the model for the referee
 # ---------------------------------------------------------------------------
+
+def evaluate_and_save(model, forward, batch_size, autocast=None):
+    """What train.py calls once training is done. Returns {"val_bpb": float or None,
+    "eval_seconds", "export_seconds"}.
+
+    val_bpb is computed here with `forward` (the compiled model) when this process can read the
+    evaluation data (a researcher running train.py by hand); inside the helpers' sandbox it
+    cannot, and is None: the referee scores the saved model instead. When AUTORESEARCH_EXPORT is
+    set (the helpers set it for every experiment) `model` is saved there for the referee; if it
+    cannot be saved the run cannot be scored, so it ends here with exit code 1."""
+    autocast = autocast or contextlib.nullcontext()
+    model.eval()
+    result = {"val_bpb": None, "eval_seconds": 0.0, "export_seconds": 0.0}
+    if evaluation_available():
+        started = time.perf_counter()
+        with autocast:
+            result["val_bpb"] = evaluate_bpb(forward, batch_size)
+        result["eval_seconds"] = time.perf_counter() - started
+    path = os.environ.get("AUTORESEARCH_EXPORT")
+    if path:
+        started = time.perf_counter()
+        try:
+            with autocast:
+                save_for_referee(model, path, batch_size)
+        except Exception as error:
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            print(f"export_failed: {type(error).__name__}: {detail}", flush=True)
+            raise SystemExit(1)
+        result["export_seconds"] = time.perf_counter() - started
+        print(f"saved the model for the referee to {path} in {result['export_seconds']:.1f}s", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# The artifact: a torch.export archive that carries no code
+# ---------------------------------------------------------------------------
+
+ARTIFACT_FORMAT = 1
+
+
+def sidecar_path(path):
+    """model.pt2 -> model.json: data about the artifact (the batch size), never code."""
+    return Path(path).with_suffix(".json")
+
 
 def save_for_referee(model, path, batch_size):
     """Saves the model's logits forward with its weights (torch.export), so that the referee can
-    load and score it without the experiment's Python code, and monkeypatching buys nothing."""
+    load and score it without the experiment's Python code. Attention that torch.export cannot
+    save (FlexAttention) must take an equivalent path while torch.compiler.is_exporting() is true;
+    train.py's attention does."""
     import torch
     device = next(model.parameters()).device
-    example = torch.zeros(min(batch_size, 2), manifest()["max_seq_len"], dtype=torch.int64, device=device)
+    seq_len = manifest()["max_seq_len"]
+    example = torch.zeros(min(batch_size, 2), seq_len, dtype=torch.int64, device=device)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    temporary = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}.pt2")  # torch wants the suffix
-    torch.export.save(exported, str(temporary))
+    with torch.no_grad():
+        exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    sidecar = {"format": ARTIFACT_FORMAT, "batch_size": int(batch_size), "max_seq_len": seq_len, "device": device.type}
+    write_atomically(sidecar_path(path), (json.dumps(sidecar) + "\n").encode())
+    write_atomically(Path(path), buffer.getvalue())
+
+
+def write_atomically(path, data):
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_bytes(data)
     os.replace(temporary, path)
+
+
+class Refused(Exception):
+    """The artifact breaks the rules: the referee reports it `invalid` (exit code 4)."""
+
+
+# The members torch.export.save writes (torch 2.9 to 2.15), under the archive's one top folder.
+# Anything else (pickled legacy weights, custom or opaque objects, AOTInductor code, extra files)
+# is refused before torch sees the file.
+ARCHIVE_MEMBERS = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                             r"|models/model\.json|data/sample_inputs/model\.pt"
+                             r"|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+                             r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+)")
+# Node targets the graph may call: ATen and prims operators and Python's arithmetic on sizes.
+# No higher-order operators (they carry subgraphs and side effects), nothing else from torch.
+OPERATOR_TARGET = re.compile(r"torch\.ops\.(aten|prims)\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
+PYTHON_TARGETS = {f"_operator.{name}" for name in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod",
+                                                   "neg", "pow", "eq", "ne", "lt", "le", "gt", "ge")} \
+    | {f"torch.{name}" for name in ("sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_sqrt")}
+# Operators that reach outside the tensors (files, the terminal) or whose result is not a function
+# of the inputs alone; the in-place and out= variants are refused by their schema after loading.
+FORBIDDEN_OPERATORS = {"from_file", "_print", "_assert_async", "_make_dep_token", "_functional_assert_async"}
+# Shapes are sympy expressions that torch parses with sympify (an eval): only symbols, integers
+# and arithmetic, with no underscore, dot or bracket to reach anything else.
+SYMPY_EXPRESSION = re.compile(r"[A-Za-z0-9 ()*+\-/,'=]*")
+SYMPY_NAMES = {"Symbol", "Integer", "positive", "integer", "True", "False", "Mod", "FloorDiv", "CeilDiv",
+               "CleanDiv", "PythonMod", "Max", "Min", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not"}
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ATTRIBUTE_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+def sanitized_archive(data):
+    """The bytes of a .pt2 rebuilt from what the referee checked, or Refused.
+
+    Nothing the experiment wrote is unpickled: weights and constants must be raw tensor records
+    (use_pickle false), the sample inputs (a pickle) are replaced by the referee's own, the graph's
+    node metadata (stack traces that FX copies into generated code) and guards (Python source
+    that torch compiles) are dropped, and every string torch would resolve or parse is checked."""
+    import zipfile
+    import torch
+    from torch.export.pt2_archive._package import PT2ArchiveWriter
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError) as error:
+        raise ValueError(f"not a torch.export archive ({error})") from None
+    roots = {entry.filename.split("/", 1)[0] for entry in entries}
+    if len(roots) != 1 or any("/" not in entry.filename for entry in entries):
+        raise Refused("the archive must hold exactly one top folder")
+    root = roots.pop()
+    members = {}
+    for entry in entries:
+        name = entry.filename[len(root) + 1:]
+        if not ARCHIVE_MEMBERS.fullmatch(name):
+            raise Refused(f"the archive holds an unknown member {name!r}")
+        if name in members:
+            raise Refused(f"the archive holds {name!r} twice")
+        if entry.compress_type != zipfile.ZIP_STORED or entry.file_size > 1 << 36:
+            raise Refused(f"the archive member {name!r} is compressed or oversized")
+        members[name] = archive.read(entry)
+    if members.get("archive_format") != b"pt2" or "models/model.json" not in members:
+        raise Refused("not an archive of one exported program (models/model.json)")
+    records = {}
+    for kind, prefix in (("weights", "weight_"), ("constants", "tensor_")):
+        config_name = f"data/{kind}/model_{kind}_config.json"
+        config = load_json(members.get(config_name, b'{"config": {}}'), config_name)
+        for fqn, payload in config.get("config", {}).items():
+            if not isinstance(payload, dict) or payload.get("use_pickle") is not False:
+                raise Refused(f"the {kind} entry {fqn!r} is pickled (use_pickle), and a pickle can run code")
+            path_name = payload.get("path_name", "")
+            if not re.fullmatch(rf"{prefix}\d+", str(path_name)) or f"data/{kind}/{path_name}" not in members \
+                    or not isinstance(payload.get("tensor_meta"), dict) or not ATTRIBUTE_PATH.fullmatch(fqn):
+                raise Refused(f"the {kind} entry {fqn!r} is not a plain tensor record")
+            records[f"data/{kind}/{path_name}"] = members[f"data/{kind}/{path_name}"]
+        records[config_name] = json.dumps(config).encode()
+    unreferenced = [name for name in members if re.fullmatch(r"data/(weights/weight|constants/tensor)_\d+", name)
+                    and name not in records]
+    if unreferenced:
+        raise Refused(f"the archive holds {unreferenced[0]!r}, which no config references")
+    program = load_json(members["models/model.json"], "models/model.json")
+    check_program_json(program)
+    records["models/model.json"] = json.dumps(program).encode()
+    sample_inputs = io.BytesIO()
+    torch.save(((torch.zeros(1, manifest()["max_seq_len"], dtype=torch.int64),), {}), sample_inputs)
+    records["data/sample_inputs/model.pt"] = sample_inputs.getvalue()
+    rebuilt = io.BytesIO()
+    with PT2ArchiveWriter(rebuilt) as writer:
+        for name, payload in records.items():
+            writer.write_bytes(name, payload)
+    return rebuilt.getvalue()
+
+
+def load_json(data, name):
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Refused(f"{name} is not JSON") from None
+    if not isinstance(value, dict):
+        raise Refused(f"{name} is not a JSON object")
+    return value
+
+
+def check_program_json(program):
+    """Checks (and strips) models/model.json in place: see sanitized_archive."""
+    program["guards_code"] = []
+    for key in ("range_constraints", "verifiers"):
+        if key not in program:
+            raise Refused(f"models/model.json has no {key}")
+    for symbol in program["range_constraints"]:
+        check_sympy(symbol)
+
+    def walk(value, key=None):
+        if isinstance(value, dict):
+            if "metadata" in value and "target" in value:  # a node: its metadata is for humans only
+                value["metadata"] = {}
+            for name, item in value.items():
+                if key in ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values") \
+                        and not IDENTIFIER.fullmatch(name):
+                    raise Refused(f"models/model.json names a value {name!r}")
+                walk(item, name)
+            return
+        if isinstance(value, list):
+            for item in value:
+                walk(item, key)
+            return
+        if not isinstance(value, str):
+            return
+        if any(ord(character) < 32 for character in value):
+            raise Refused("models/model.json holds a string with control characters")
+        if key == "target" and not (OPERATOR_TARGET.fullmatch(value) or value in PYTHON_TARGETS):
+            raise Refused(f"the graph calls {value!r}, which is not an ATen operator")
+        if key == "target" and value.split(".")[-2] in FORBIDDEN_OPERATORS:
+            raise Refused(f"the graph calls {value!r}, which reaches outside its tensors")
+        if key == "expr_str":
+            check_sympy(value)
+        if key in ("name", "forward_arg_names") and not IDENTIFIER.fullmatch(value):
+            raise Refused(f"models/model.json names a value {value!r}")
+        if key in ("parameter_name", "buffer_name", "tensor_constant_name", "fqn") and value \
+                and not ATTRIBUTE_PATH.fullmatch(value):
+            raise Refused(f"models/model.json names an attribute {value!r}")
+        if key in ("custom_obj_name", "class_fqn"):
+            raise Refused("the graph holds a custom (torchbind) object")
+
+    walk(program)
+    graph = program.get("graph_module", {}).get("graph", {})
+    if graph.get("custom_obj_values"):
+        raise Refused("the graph holds a custom (torchbind) object")
+
+
+def check_sympy(expression):
+    if not SYMPY_EXPRESSION.fullmatch(expression) or \
+            not set(re.findall(r"[A-Za-z][A-Za-z0-9]*", expression)) <= SYMPY_NAMES | set(re.findall(r"\b[su]\d+\b", expression)):
+        raise Refused(f"the graph holds a shape expression outside plain arithmetic: {expression[:80]!r}")
+
+
+def check_exported_program(program):
+    """After loading: one tensor in, logits out, nothing mutated, only functional ATen operators."""
+    import operator
+    import torch
+    signature = program.graph_signature
+    kinds = [spec.kind.name for spec in signature.input_specs]
+    if kinds.count("USER_INPUT") != 1 or set(kinds) - {"PARAMETER", "BUFFER", "CONSTANT_TENSOR", "USER_INPUT"}:
+        raise Refused(f"the program must take one token tensor and its own weights, not {kinds}")
+    outputs = [spec.kind.name for spec in signature.output_specs]
+    if outputs != ["USER_OUTPUT"]:
+        raise Refused(f"the program mutates its buffers or inputs (outputs {outputs}): "
+                      "state carried across calls could tell the probe from the evaluation")
+    allowed = {getattr(operator, name.split(".")[1]) for name in PYTHON_TARGETS if name.startswith("_operator.")} \
+        | {getattr(torch, name.split(".")[1]) for name in PYTHON_TARGETS if name.startswith("torch.")}
+    for module in program.graph_module.modules():
+        for node in module.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            if node.op != "call_function":
+                raise Refused(f"the graph has a {node.op} node ({node.target})")
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload):
+                if target.namespace not in ("aten", "prims") or target._schema.is_mutable \
+                        or target._schema.name.split("::")[-1] in FORBIDDEN_OPERATORS:
+                    raise Refused(f"the graph calls {target}, which writes in place or reaches outside its tensors")
+            elif target not in allowed:
+                raise Refused(f"the graph calls {target!r}, which is not an ATen operator")
+
+
+def load_saved_model(path):
+    """The exported program's module, loaded without running anything the experiment wrote."""
+    import torch
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        fail(f"cannot read {path}: {error.strerror}")
+    try:
+        clean = sanitized_archive(data)
+    except Refused as refusal:
+        invalid(f"the saved model is refused before loading: {refusal}")
+    except ValueError as error:
+        fail(f"{path}: {error}")
+    try:
+        program = torch.export.load(io.BytesIO(clean))
+    except Exception as error:  # a truncated or inconsistent archive: torch's own message, one line
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        fail(f"{path} does not load as an exported program: {type(error).__name__}: {detail[:300]}")
+    try:
+        check_exported_program(program)
+    except Refused as refusal:
+        invalid(f"the saved model is refused: {refusal}")
+    return program.module()
+
+
+def saved_batch_size(path):
+    """The batch size train.py evaluated with, from the artifact's sidecar (32 without one)."""
+    sidecar = sidecar_path(path)
+    if not sidecar.exists():
+        return 32
+    try:
+        batch_size = json.loads(sidecar.read_text())["batch_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        fail(f"{sidecar} is not the JSON train.py writes next to the saved model")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= 1 << 16:
+        fail(f"{sidecar}: batch_size must be an integer from 1 to 65536, got {batch_size!r}")
+    return batch_size
 
 
 def score_saved_model(path, split, batch_size):
     """val_bpb (or test) of a model saved by save_for_referee, computed here from its logits,
     with the causality probe. Autocast in bf16 on CUDA, as training evaluates."""
     import torch
-    module = torch.export.load(str(path)).module()
+    module = load_saved_model(path)
     device = next(module.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with autocast:
@@ -789,15 +1179,23 @@ def score_saved_model(path, split, batch_size):
 def score_main(argv):
     """`prepare.py score MODEL [--split val|test]`: the referee's re-evaluation, one line out."""
     parser = argparse.ArgumentParser(prog="prepare.py score",
-                                     description="Score a model saved by train.py, without train.py's code.")
-    parser.add_argument("model", help="the saved model (model.pt2 in the run's folder)")
+                                     description="Score a model saved by train.py, without train.py's code. "
+                                                 "Exit 0: scored; 4: invalid (refused artifact or not causal); "
+                                                 "1: unreadable file or no prepared data.")
+    parser.add_argument("model", help="the saved model (out/model.pt2 in the run's folder)")
     parser.add_argument("--split", default="val", choices=["val", "test"], help="val (default) or the held-out test")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    parser.add_argument("--batch-size", type=int,
+                        help="rows per forward pass (default: the batch size train.py saved next to the model, else 32)")
     args = parser.parse_args(argv)
     if not Path(args.model).is_file():
         fail(f"no saved model at {args.model}")
+    if args.batch_size is not None and not 1 <= args.batch_size <= 1 << 16:
+        fail(f"--batch-size must be from 1 to 65536, got {args.batch_size}")
+    require_prepared_dir()
+    if not evaluation_available():
+        fail(f"no evaluation data readable in {eval_dir()}: run prepare.py again")
     started = time.time()
-    bpb = score_saved_model(args.model, args.split, args.batch_size)
+    bpb = score_saved_model(args.model, args.split, args.batch_size or saved_batch_size(args.model))
     print(f"{args.split}_bpb: {bpb:.6f}")
     print(f"score_seconds: {time.time() - started:.1f}")
 

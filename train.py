@@ -1,5 +1,5 @@
 """
-The experiment: a small GPT trained for a fixed wall-clock budget, then scored by val_bpb.
+The experiment: a small GPT trained for a fixed time budget, then scored by val_bpb.
 
 This is the one file the agent edits: model, optimizer, schedule, hyperparameters. The data,
 the budget and the metric come from prepare.py, which nobody edits.
@@ -10,11 +10,12 @@ Usage:
 
 It prints progress, then ends with the `---` summary block that the helpers parse
 (`grep "^val_bpb:" run.log`). Exit code 3 means the loss went NaN or exploded (fast fail).
+Under the helpers the evaluation data is out of reach: the block then says `evaluation: referee`,
+and the helper appends the referee's val_bpb, scored from the model saved here, to run.log.
 """
 
 import gc
 import math
-import os
 import platform
 import sys
 import time
@@ -25,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import (MAX_SEQ_LEN, PROFILE, TIME_BUDGET, VOCAB_SIZE, evaluate_bpb, make_dataloader, run_seed,
-                     save_for_referee)
+from prepare import (MAX_SEQ_LEN, PROFILE, TIME_BUDGET, VOCAB_SIZE, detect_device, evaluate_and_save,
+                     make_dataloader, peak_flops, run_seed, training_clock)
 
 # ---------------------------------------------------------------------------
 # Hyperparameters: edit freely. DEPTH sizes the model; width and heads follow from it.
@@ -112,14 +113,20 @@ def sliding_window(window):
     return mask
 
 
-def causal_attention(window, seq_len, device):
+def use_flex_attention(device):
+    """FlexAttention on CUDA: compiled with the model, so skipped blocks cost nothing. Not while
+    the model is exported for the referee: torch.export cannot save it (SerializeError), so the
+    saved model takes the boolean-mask path, the same attention."""
+    return device.type == "cuda" and not torch.compiler.is_exporting()
+
+
+def causal_attention(window, seq_len, device, flex=False):
     """Causal attention over at most `window` past positions, with PyTorch's own kernels:
     full windows use SDPA's causal path (flash attention on CUDA); sliding windows use a
-    FlexAttention block mask on CUDA (compiled with the model, so skipped blocks cost nothing)
-    and a boolean mask elsewhere."""
+    FlexAttention block mask when `flex` and a boolean mask with SDPA otherwise."""
     if window >= seq_len:
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if device.type == "cuda":
+    if flex:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         block_mask = create_block_mask(sliding_window(window), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
         return lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)
@@ -212,10 +219,11 @@ class GPT(nn.Module):
 
     def attention_functions(self, seq_len, device):
         """One attention function per block for this sequence length (block masks built once)."""
-        key = (seq_len, device)
+        flex = use_flex_attention(device)
+        key = (seq_len, device, flex)
         if key not in self._attention:
             head_dim = self.config.n_embd // self.config.n_head
-            built = {window: causal_attention(window, seq_len, device) for window in set(self.windows)}
+            built = {window: causal_attention(window, seq_len, device, flex) for window in set(self.windows)}
             self._attention[key] = ([built[window] for window in self.windows],
                                     rotary_tables(seq_len, head_dim, device))
         return self._attention[key]
@@ -239,13 +247,17 @@ class GPT(nn.Module):
         embeddings = self.wte.weight.numel() + sum(e.weight.numel() for e in self.value_embeds.values())
         return total, total - embeddings
 
-    def flops_per_token(self):
+    def flops_per_token(self, causal=True):
         """Training FLOPs per token: 6 per weight outside the embeddings, plus attention scores
-        and values (12 * width * average attended positions per block)."""
+        and values, 12 * width per attended position and block: on average over the causal
+        positions (what the kernels compute), or with causal=False over the whole window, as
+        upstream counts it (about 10% more at seq 2048, so its MFU reads higher at equal speed)."""
         _, dense = self.count_parameters()
         width, seq = self.config.n_embd, self.config.sequence_len
-        attention = sum(12 * width * sum(min(p + 1, w) for p in range(seq)) / seq for w in self.windows)
-        return 6 * dense + attention
+        if causal:
+            return 6 * dense + sum(12 * width * sum(min(p + 1, w) for p in range(seq)) / seq for w in self.windows)
+        scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel()
+        return 6 * (dense - scalars) + sum(12 * width * min(w, seq) for w in self.windows)
 
 
 # ---------------------------------------------------------------------------
@@ -375,47 +387,13 @@ def learning_rate_multiplier(progress):
 
 
 # ---------------------------------------------------------------------------
-# Hardware: device, precision, and the peak FLOPS that MFU is measured against
+# Training
 # ---------------------------------------------------------------------------
-
-# Dense bf16 tensor-core peaks in TFLOPS (vendor datasheets), matched as a substring of the
-# device name, in order, so "H100 PCIe" is tried before "H100" and "L40S" before "L4".
-GPU_PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.5), ("H200", 989.5), ("H800", 989.5),
-    ("GH200", 989.5), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
-    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
-    ("RTX A6000", 154.8), ("RTX 6000 Ada", 364.0), ("RTX 5090", 209.5), ("RTX 4090", 165.2),
-    ("RTX 4080", 97.5), ("RTX 3090", 71.0),
-)
-
-
-def detect_device():
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def peak_flops(device):
-    """(peak FLOPS or None, a note saying what MFU is measured against)."""
-    if device.type != "cuda":
-        return None, f"none: no peak FLOPS for {device.type}"
-    name = torch.cuda.get_device_name(device)
-    for pattern, tflops in GPU_PEAK_BF16_TFLOPS:
-        if pattern in name:
-            return tflops * 1e12, f"{name}, {tflops:g} TFLOPS bf16"
-    return None, f"none: {name} is not in the peak FLOPS table"
-
 
 def warn(message):
     bar = "!" * 78
     print(f"{bar}\nWARNING: {message}\n{bar}", flush=True)
 
-
-# ---------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------
 
 def main():
     started = time.time()
@@ -429,8 +407,6 @@ def main():
         torch.set_float32_matmul_precision("high")  # TF32 for whatever autocast leaves in float32
         if not use_bf16:
             warn("this GPU has no bf16: training in float32, much slower than it could be")
-    if device.type == "cpu" and PROFILE != "cpu":
-        warn(f"profile {PROFILE} on a CPU: each step will take very long; prepare with --profile cpu")
 
     width = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
     config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=VOCAB_SIZE, n_layer=DEPTH,
@@ -447,7 +423,7 @@ def main():
     if TOTAL_BATCH_SIZE % tokens_per_pass:
         raise SystemExit(f"TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN = {tokens_per_pass}")
     accumulation = TOTAL_BATCH_SIZE // tokens_per_pass
-    flops_per_token = model.flops_per_token()
+    flops_per_token, upstream_flops_per_token = model.flops_per_token(), model.flops_per_token(causal=False)
     peak, mfu_basis = peak_flops(device)
     # The first steps compile kernels (CUDA) or warm caches; they are not charged to the budget.
     untimed_steps = 10 if on_cuda else 1
@@ -458,11 +434,10 @@ def main():
 
     loader = make_dataloader(DEVICE_BATCH_SIZE, device, seed=seed)
     inputs, targets, epoch = next(loader)
-    training_seconds, step, smooth_loss = 0.0, 0, None
+    # The budget is charged on prepare's clock: CPU time on the cpu profile, wall time on a GPU.
+    training_seconds, training_wall_seconds, step, smooth_loss = 0.0, 0.0, 0, None
     while True:
-        if on_cuda:
-            torch.cuda.synchronize()
-        step_start = time.time()
+        step_start, step_wall_start = training_clock(), time.time()
         for _ in range(accumulation):
             with autocast:
                 loss = forward(inputs, targets)
@@ -478,19 +453,20 @@ def main():
                 group["weight_decay"] = WEIGHT_DECAY * (1 - progress)
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        loss_value = last_loss.item()  # waits for the step to finish
+        loss_value = last_loss.item()  # waits for the step to finish (so the clock needs no synchronize)
         if not math.isfinite(loss_value) or loss_value > FAST_FAIL_LOSS:
             print(f"fast_fail: training loss {loss_value} at step {step}", flush=True)
             sys.exit(3)
-        step_seconds = time.time() - step_start
+        step_seconds, step_wall_seconds = training_clock() - step_start, time.time() - step_wall_start
         if step >= untimed_steps:
             training_seconds += step_seconds
+            training_wall_seconds += step_wall_seconds
         step += 1
         smooth_loss = loss_value if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss_value
-        tokens_per_second = TOTAL_BATCH_SIZE / step_seconds
+        tokens_per_second = TOTAL_BATCH_SIZE / step_wall_seconds
         mfu = 100 * tokens_per_second * flops_per_token / peak if peak else 0.0
         if step % 10 == 0 or step <= 3:
-            print(f"step {step:05d} | loss {smooth_loss:.4f} | lr x{multiplier:.2f} | {step_seconds * 1000:.0f} ms "
+            print(f"step {step:05d} | loss {smooth_loss:.4f} | lr x{multiplier:.2f} | {step_wall_seconds * 1000:.0f} ms "
                   f"| {tokens_per_second:,.0f} tok/s | mfu {mfu:.1f}% | epoch {epoch} "
                   f"| {max(TIME_BUDGET - training_seconds, 0):.0f}s left", flush=True)
         if step == 1:
@@ -502,26 +478,17 @@ def main():
             break
 
     timed_steps = max(step - untimed_steps, 1)
-    model.eval()
-    with autocast:
-        val_bpb = evaluate_bpb(forward, DEVICE_BATCH_SIZE)
-    # Set by the helpers: the referee re-scores this file. Only a result that could be kept is
-    # worth the export's seconds, so the helpers say below which val_bpb that is.
-    export_path = os.environ.get("AUTORESEARCH_EXPORT")
-    if export_path and val_bpb < float(os.environ.get("AUTORESEARCH_EXPORT_BELOW", "inf")):
-        export_started = time.time()
-        try:
-            with autocast:
-                save_for_referee(model, export_path, DEVICE_BATCH_SIZE)
-            print(f"saved the model for the referee to {export_path} in {time.time() - export_started:.1f}s", flush=True)
-        except Exception as error:  # the result stands; the helpers see no file and call it unverified
-            print(f"export_failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", flush=True)
+    # val_bpb in-process when the evaluation data is readable (None under the helpers' sandbox),
+    # and the model saved for the referee when the helpers ask for it.
+    scores = evaluate_and_save(model, forward, DEVICE_BATCH_SIZE, autocast)
     total_tokens = step * TOTAL_BATCH_SIZE
-    average_tokens_per_second = timed_steps * TOTAL_BATCH_SIZE / max(training_seconds, 1e-9)
+    average_tokens_per_second = timed_steps * TOTAL_BATCH_SIZE / max(training_wall_seconds, 1e-9)
     mfu = 100 * average_tokens_per_second * flops_per_token / peak if peak else 0.0
+    upstream_mfu = 100 * average_tokens_per_second * upstream_flops_per_token / peak if peak else 0.0
     peak_vram = torch.cuda.max_memory_allocated() / 2**20 if on_cuda else 0.0
     print("---")
-    print(f"val_bpb:          {val_bpb:.6f}")
+    if scores["val_bpb"] is not None:  # under the helpers, the referee's line is appended instead
+        print(f"val_bpb:          {scores['val_bpb']:.6f}")
     print(f"training_seconds: {training_seconds:.1f}")
     print(f"total_seconds:    {time.time() - started:.1f}")
     print(f"peak_vram_mb:     {peak_vram:.1f}")
@@ -531,7 +498,13 @@ def main():
     print(f"num_params_M:     {total_params / 1e6:.1f}")
     print(f"depth:            {DEPTH}")
     print(f"tokens_per_sec:   {average_tokens_per_second:.0f}")
+    print(f"mfu_upstream_percent: {upstream_mfu:.2f}")
     print(f"mfu_basis:        {mfu_basis}")
+    print(f"clock:            {'cpu_time' if PROFILE == 'cpu' else 'wall_time'}")
+    print(f"training_wall_seconds: {training_wall_seconds:.1f}")
+    print(f"eval_seconds:     {scores['eval_seconds']:.1f}")
+    print(f"export_seconds:   {scores['export_seconds']:.1f}")
+    print(f"evaluation:       {'referee' if scores['val_bpb'] is None else 'in-process'}")
     print(f"device:           {torch.cuda.get_device_name(device) if on_cuda else platform.processor() or device.type}")
     print(f"profile:          {PROFILE}")
     print(f"seed:             {seed}")

@@ -150,7 +150,7 @@ class UniformModel(torch.nn.Module):
 
 
 def expected_uniform_bpb(folder, vocab):
-    rows = np.load(folder / "val_rows.npy")
+    rows = np.load(folder / "eval" / "val_rows.npy")
     weights = np.load(folder / "token_bytes.npy")[rows[:, 1:]]
     return (weights > 0).sum() * math.log(vocab) / (math.log(2) * weights.sum())
 
@@ -169,7 +169,7 @@ def test_out_of_memory_in_eval_retries_with_a_smaller_batch(prepared_module, cap
 
 
 def test_evaluation_reads_exactly_eval_tokens(prepared_module):
-    rows = np.load(prepared_module.require_prepared_dir() / "val_rows.npy")
+    rows = np.load(prepared_module.eval_dir() / "val_rows.npy")
     assert rows.shape == (prepared_module.EVAL_TOKENS // prepared_module.MAX_SEQ_LEN, prepared_module.MAX_SEQ_LEN + 1)
 
 
@@ -390,3 +390,44 @@ def test_the_helpers_find_the_cache_where_prepare_writes_it(monkeypatch, tmp_pat
         monkeypatch.setenv("AUTORESEARCH_CACHE", value)
         assert common.cache_dir() == prepare.cache_dir()
         assert common.manifest_path() == prepare.manifest_path()
+
+
+# ---------------------------------------------------------------------------
+# The cache layout: what training reads, and the evaluation data apart from it
+# ---------------------------------------------------------------------------
+
+TRAINING_FILES = ["prepared.json", "token_bytes.npy", "tokenizer.json", "train_offsets.npy", "train_tokens.bin"]
+EVAL_FILES = ["test_offsets.npy", "test_rows.npy", "test_tokens.bin", "val_offsets.npy", "val_rows.npy",
+              "val_tokens.bin"]
+
+
+def training_view(cache, tmp_path):
+    """A cache holding only what training may read, as the helpers' sandbox shows it."""
+    view = tmp_path / "training-view"
+    (view / "prepared").mkdir(parents=True)
+    for name in TRAINING_FILES:
+        (view / "prepared" / name).symlink_to(cache / "prepared" / name)
+    return view
+
+
+def test_evaluation_data_lives_apart_from_what_training_reads(builtin_cache, tmp_path):
+    prepared = builtin_cache / "prepared"
+    assert sorted(p.name for p in prepared.iterdir()) == sorted(TRAINING_FILES + ["eval"])
+    assert sorted(p.name for p in (prepared / "eval").iterdir()) == EVAL_FILES
+    probe = ("import prepare; loader = prepare.make_dataloader(2); inputs, targets, epoch = next(loader); "
+             "print(prepare.evaluation_available(), tuple(inputs.shape))")
+    for cache, expected in ((builtin_cache, "True (2, 256)"), (training_view(builtin_cache, tmp_path), "False (2, 256)")):
+        result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                                env=dict(os.environ, AUTORESEARCH_CACHE=str(cache)))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected
+
+
+def test_data_in_the_old_layout_is_refused_with_the_command_to_run(builtin_cache, tmp_path):
+    old = tmp_path / "old" / "prepared"
+    old.mkdir(parents=True)
+    manifest = json.loads((builtin_cache / "prepared" / "prepared.json").read_text())
+    del manifest["layout"]
+    (old / "prepared.json").write_text(json.dumps(manifest))
+    line = single_error_line(run_train(old.parent))
+    assert "old layout" in line and "uv run prepare.py --dataset builtin" in line
