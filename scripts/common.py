@@ -806,11 +806,12 @@ def bwrap_command(command, readable=(), writable=(), hidden=(), chdir=ROOT):
 
 def training_sandbox(command, out_dir, hide_eval=True):
     """The training command in the sandbox: the repository (runs/ hidden) and prepared/ (eval/ hidden
-    when hide_eval) read-only, out_dir writable. A script named by path outside the repository (a
-    --train-command) is made visible read-only with its folder."""
+    when hide_eval) read-only, out_dir writable. The program and script of a --train-command that lie
+    outside the repository (its first two words) are made visible read-only with their folders;
+    its other arguments are not."""
     prepared = prepared_dir()
     readable = [ROOT] + ([prepared.resolve()] if prepared.is_dir() else [])
-    for part in command:
+    for part in command[:2]:
         if os.path.isabs(part) and os.path.isfile(part):
             path = Path(part).resolve()
             if not _is_within(path, [ROOT, *python_paths()]):
