@@ -1101,20 +1101,26 @@ def delete_saved_models(run_dirs):
 # ---------------------------------------------------------------------------
 # One training run: an experiment, its confirmation, or a noise run
 
-# Start-up, evaluation and export come on top of the training budget. Setup measures them on the
-# baseline (the human's code: its compute minus the budget); a run may use the budget plus
-# ALLOWANCE_FACTOR x that overhead plus ALLOWANCE_SLACK of the budget, at most ALLOWANCE_MAX of the
-# budget more. Until measured, a run may use twice the budget.
+# Start-up, evaluation and export come on top of the training budget (importing torch and exporting
+# the model alone take seconds, whatever the budget). Setup measures them on the baseline (the
+# human's code: its compute minus the budget); a run may use the budget plus ALLOWANCE_FACTOR x that
+# overhead plus ALLOWANCE_SLACK of the budget, never more than allowance_cap(budget). Until measured,
+# the cap applies.
 ALLOWANCE_FACTOR = 1.5
 ALLOWANCE_SLACK = 0.1
 ALLOWANCE_MIN_SECONDS = 0.5
-ALLOWANCE_MAX = 1.0
+ALLOWANCE_MAX_SECONDS = 120.0
+
+
+def allowance_cap(budget):
+    """The most compute beyond the budget any run may use: the budget again, or two minutes if more."""
+    return max(float(budget), ALLOWANCE_MAX_SECONDS)
 
 
 def allowance_from(overheads, budget):
     """The allowance (seconds) for the measured overheads (compute minus budget) of baseline runs."""
     worst = max(max(overheads), 0.0)
-    return round(min(ALLOWANCE_MAX * budget,
+    return round(min(allowance_cap(budget),
                      max(ALLOWANCE_MIN_SECONDS, ALLOWANCE_FACTOR * worst + ALLOWANCE_SLACK * budget)), 3)
 
 
@@ -1124,7 +1130,7 @@ def compute_limit(session):
     if not is_finite_number(budget):
         return None
     allowance = session.get("allowance_s")
-    return budget + (allowance if is_finite_number(allowance) else ALLOWANCE_MAX * budget)
+    return budget + (allowance if is_finite_number(allowance) else allowance_cap(budget))
 
 
 def record_overhead(session, run):

@@ -142,7 +142,8 @@ def decide_pending(action, force):
     elif pending.get("status") in common.NO_RESULT_STATUSES:
         status, forced = pending["status"], False
     elif action == "keep":
-        common.check_pins(session)  # a helper or prepare.py changed since the experiment: stop here
+        # a helper, a hook, prepare.py or any byte of the prepared data changed since the experiment: stop here
+        common.check_pins(session, data="full")
         refusal = keep_refusal(summary, pending, rows, session)
         if refusal and not (force and refusal[1]):
             raise common.Refusal(refusal[0] + ("" if refusal[1] else " (--force cannot override this)"))

@@ -42,10 +42,16 @@ def test_setup_experiment_decide_status_plot_with_the_real_train_py(tmp_path, bu
     assert summary["status"] == "ok" and 0 < summary["val_bpb"] < 20
     assert summary["metrics"]["num_steps"] > 0 and summary["profile"] == "cpu"
     assert summary["decision"]["status"] == "keep"
-    # The referee re-scored the model train.py saved, in a fresh process, to the same number.
+    # The referee scored the model train.py saved, in a process of its own; its number is the result.
     (sample,) = summary["samples"]
-    assert summary["referee"] == "verified" and abs(sample["referee"]["bpb"] - sample["val_bpb"]) < 1e-5
-    assert (run_dir / "model.pt2").exists() and summary["sandbox"] == session_sandbox(repo)
+    assert summary["referee"] == "verified" and sample["referee"]["bpb"] == sample["val_bpb"] == summary["val_bpb"]
+    assert (run_dir / "out" / "model.pt2").exists() and summary["sandbox"] == session_sandbox(repo)
+    val_lines = [line for line in (run_dir / "run.log").read_text().splitlines() if line.startswith("val_bpb:")]
+    assert val_lines[-1] == f"val_bpb:          {summary['val_bpb']:.6f}"  # the referee's, appended by the helper
+    if summary["sandbox"] == "on":  # the evaluation data was hidden: train.py had no number of its own
+        assert sample["claimed"] is None and len(val_lines) == 1
+        assert summary["verified"] is True and summary["protections"]["eval_hidden"] is True
+        assert 0 < summary["compute_seconds"] <= summary["compute_limit_s"] and summary["clock"] == "cpu_time"
     # A new best: its model was scored on the held-out test split too, out of the agent's sight.
     (heldout,) = json.loads((repo / "runs" / "heldout.json").read_text())
     assert heldout["id"] == "0001" and 0 < heldout["test_bpb"] < 20 and heldout["error"] is None

@@ -20,6 +20,20 @@ PROJECT = Path(__file__).resolve().parent.parent
 CHEAT = PROJECT / "tests" / "fixtures" / "fake_train" / "torch_cheat.py"
 
 
+# In the referee (argv has "score") it marks and breaks the scoring; in training (which imports the
+# repository's prepare.py from the root) it steps aside for the real numpy.
+SHADOW = """import os, sys
+if "score" in sys.argv:
+    try:
+        open({marker!r}, "w").write("imported")
+    finally:
+        raise SystemExit("shadowed numpy ran in the referee")
+del sys.modules["numpy"]
+sys.path = [path for path in sys.path if path not in ("", os.getcwd())]
+import numpy
+"""
+
+
 def run(args, cwd, env):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -32,11 +46,16 @@ def test_the_real_referee_catches_a_monkeypatched_evaluation(tmp_path, builtin_c
     assert run(["scripts/setup.py", "--tag", "referee", "--noise-runs", "0"], repo, env).returncode == 0
 
     env["AUTORESEARCH_TRAIN_COMMAND"] = f"{shlex.quote(sys.executable)} {shlex.quote(str(CHEAT))}"
+    # An untracked numpy.py at the root, which `python prepare.py score` run from the root would import:
+    # the referee runs `python -I` on a copy of prepare.py in an empty folder, so it never does.
+    marker = tmp_path / "numpy-imported"
+    (repo / "numpy.py").write_text(SHADOW.format(marker=str(marker)))
     result = run(["scripts/experiment.py", "monkeypatched evaluation"], repo, env)
+    assert not marker.exists()
     assert result.returncode == 1, result.stdout + result.stderr
     assert "invalid (referee): train.py printed val_bpb 0.100000, but the referee scored its saved model" \
         in result.stdout, result.stdout
     assert "recorded as invalid" in run(["scripts/decide.py", "keep"], repo, env).stdout
     (row,) = (repo / "results.tsv").read_text().splitlines()[1:]
     assert row.split("\t")[1:4] == ["0.000000", "0.0", "invalid"]
-    assert not list((repo / "runs").glob("*/model.pt2"))  # deleted with the discard
+    assert not list((repo / "runs").glob("*/out/model.pt2"))  # deleted with the discard
