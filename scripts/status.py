@@ -52,6 +52,20 @@ def rerun_spread(rows):
     return max(spreads) if spreads else None
 
 
+def latest_experiment():
+    """summary.json of the newest experiment run (not a noise run or confirmation), or None."""
+    for path in sorted(common.RUNS_DIR.glob("[0-9][0-9][0-9][0-9]-*/summary.json"), reverse=True):
+        summary = common.read_json(path) or {}
+        if summary.get("kind", "experiment") == "experiment" and summary.get("protections"):
+            return summary
+    return None
+
+
+def forced_keeps():
+    return sum(((common.read_json(path) or {}).get("decision") or {}).get("forced") is True
+               for path in common.RUNS_DIR.glob("[0-9][0-9][0-9][0-9]-*/summary.json"))
+
+
 def pending_summary(pending):
     return {"id": pending["id"], "state": common.pending_state(pending), "verdict": pending.get("verdict"),
             "val_bpb": pending.get("val_bpb"), "description": pending.get("description"),
@@ -77,6 +91,8 @@ def gather():
     until = last_finished_at() or now
     hours = (until - started).total_seconds() / 3600 if started else None
     pending = common.load_pending()
+    latest = latest_experiment()
+    guards = (latest or {}).get("protections")
     return {
         "branch": common.current_branch(),
         "session": session.get("tag"),
@@ -96,6 +112,11 @@ def gather():
         "noise_runs": len(session.get("noise_runs") or []),
         "sandbox": session.get("sandbox"),
         "referee": session.get("referee"),
+        "protections": guards,  # of the newest experiment
+        "protections_off": common.protections_off(guards) if guards else [],
+        "verified": (latest or {}).get("verified"),
+        "lowered": session.get("lowered") or [],  # protection-lowering flags given to setup
+        "forced_keeps": forced_keeps(),
         "rerun_spread_bpb": rerun_spread(rows),
         "pending": pending_summary(pending) if pending else None,
         "deadline": session.get("deadline"),
@@ -121,6 +142,12 @@ def print_text(status):
     print(f"{counts}; noise {status['noise']}{spread}")
     guards = [f"referee {status['referee']}"] if status["referee"] else []
     guards += [f"sandbox {status['sandbox']}"] if status["sandbox"] else []
+    if status["protections_off"]:
+        guards.append(f"last experiment: {', '.join(status['protections_off'])}")
+    elif status["verified"] is not None:
+        guards.append("last experiment verified" if status["verified"] else "last experiment not verified")
+    guards += [f"set up with {' '.join(status['lowered'])}"] if status["lowered"] else []
+    guards += [f"forced keeps {status['forced_keeps']}"] if status["forced_keeps"] else []
     if guards:
         print(", ".join(guards))
     if status["pending"]:
@@ -133,6 +160,16 @@ def print_text(status):
         print(f"limits: {', '.join(limits)}")
     for row in status["last_rows"]:
         print(common.format_row(common.LedgerRow(**row)), end="")
+
+
+def protections_report(status):
+    """For the human: which protections this session ran without."""
+    off = list(status["protections_off"]) + [f"set up with {flag}" for flag in status["lowered"]]
+    off += [f"{status['forced_keeps']} forced keep(s)"] if status["forced_keeps"] else []
+    if status["protections"] and status["protections"].get("train_command") == "custom":
+        off.append("a custom training command")
+    return [f"protections off: {'; '.join(off)} (such results are never verified)" if off
+            else "protections: sandbox, hidden evaluation data, PID namespace, referee and measured compute all on"]
 
 
 def held_out_report():
@@ -168,7 +205,7 @@ def main():
     else:
         print_text(status)
         if args.report:
-            print("\n".join(held_out_report()))
+            print("\n".join(protections_report(status) + held_out_report()))
     return 0
 
 
