@@ -75,7 +75,9 @@ def loop(lane, *args):
 
 
 def lane_environment(lane):
-    env = dict(os.environ)
+    # PWD with the cwd: OpenCode takes its project from $PWD, so an agent started under the
+    # main checkout's PWD would edit the main checkout instead of its lane's worktree.
+    env = dict(os.environ, PWD=lane["path"])
     env.pop("AUTORESEARCH_TRAIN_COMMAND", None)  # the lane's loop passes its own --train-command
     return env
 

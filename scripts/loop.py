@@ -635,19 +635,22 @@ class Loop:
         prompt_file = folder / f"{name}.prompt.md"
         prompt_file.write_text(prompt)
         argv, stdin_text = proposers.agent_command(options["agent"], prompt, prompt_file, options)
-        env = dict(os.environ, AUTORESEARCH_HEADLESS="1")  # the Stop hook lets a one-iteration run end
+        # AUTORESEARCH_HEADLESS: the Stop hook lets a one-iteration run end. PWD: OpenCode takes
+        # its project from $PWD, not from its cwd, so an inherited one would send it to another
+        # worktree (seen: a lane's agent working in the main checkout).
+        env = dict(os.environ, AUTORESEARCH_HEADLESS="1", PWD=str(common.ROOT))
         if options["allow_install"]:
             env["AUTORESEARCH_ALLOW_INSTALL"] = "1"
         before = proposers.installed_packages()
         started = time.monotonic()
         code, timed_out = self.run_agent_process(argv, stdin_text, env, folder / f"{name}.out", folder / f"{name}.err")
         stdout = (folder / f"{name}.out").read_text(errors="replace")
-        answer, meta, error = proposers.parse_agent_output(options["agent"], stdout)
+        stderr = (folder / f"{name}.err").read_text(errors="replace")
+        answer, meta, error = proposers.parse_agent_output(options["agent"], stdout, stderr)
         if timed_out:
             answer, error = None, f"no answer within --agent-timeout {options['agent_timeout']} s: the agent was killed"
         elif code != 0 and error:
-            stderr = (folder / f"{name}.err").read_text(errors="replace")
-            error = f"the agent exited with code {code}: {proposers.snippet(stderr or stdout)}"
+            error = f"the agent exited with code {code}: {proposers.last_lines(stderr or stdout)}"
         installed = sorted(set(proposers.installed_packages()) - set(before))
         current["agent_calls"].append({
             "kind": kind, "command": [prompt_file.name if word == prompt else word for word in argv],
@@ -1011,7 +1014,7 @@ def add_run_options(parser, defaults):
     agent.add_argument("--agent-command", metavar="TEMPLATE", default=d("agent_command"),
                        help="any agent CLI: {prompt} or {prompt_file} are replaced, else the prompt goes to stdin")
     agent.add_argument("--agent-bin", metavar="PATH", default=d("agent_bin"),
-                       help="the agent executable (default: node_modules/.bin/claude if present, else the name)")
+                       help="the agent executable (default: node_modules/.bin/<agent> if present, else the name)")
     agent.add_argument("--agent-args", metavar="ARGS", default=d("agent_args"),
                        help="extra words for the agent CLI, e.g. '--model sonnet'")
     agent.add_argument("--max-turns", type=int, metavar="N", default=d("max_turns"),
@@ -1094,8 +1097,15 @@ def check_agent(options):
             raise common.Refusal("--agent optuna needs Optuna: uv sync --group search")
     elif options["agent"] != "random" and options["agent"] != "command":
         binary = proposers.agent_binary(options["agent"], options["agent_bin"])
+        rules = proposers.AGENT_RULES.get(options["agent"])
+        if rules and not rules.exists():
+            raise common.Refusal(f"--agent {options['agent']} runs under this repository's rules for it, and "
+                                 f"{rel(rules)} is missing: restore it (git checkout -- {rel(rules)})")
+        if options.get("allow_install") and options["agent"] in proposers.NO_INSTALLS:
+            raise common.Refusal(f"--allow-install works with --agent claude only: "
+                                 f"{proposers.NO_INSTALLS[options['agent']]} for the agent")
         if not proposers.which(binary):
-            hint = " (npm ci installs the pinned one)" if options["agent"] == "claude" else ""
+            hint = " (npm ci installs the pinned one)" if options["agent"] in ("claude", "codex", "opencode") else ""
             raise common.Refusal(f"the {options['agent']} CLI is not installed ({binary}){hint}: "
                                  "or use --agent-bin PATH, or --agent random")
     for key in ("max_experiments", "plateau", "max_failures", "max_turns"):
@@ -1112,7 +1122,7 @@ def detach(argv):
     with open(LOG_FILE, "ab") as log:
         child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *[a for a in argv if a != "--background"]],
                                  cwd=common.ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+                                 start_new_session=True, env=dict(os.environ, PWD=str(common.ROOT)))
     print(f"loop started in the background (pid {child.pid}); log {rel(LOG_FILE)}; "
           "uv run scripts/loop.py status | stop")
     return 0

@@ -11,7 +11,9 @@ Used by scripts/loop.py; nothing here touches the ledger, the branch or the loop
 - Agent CLIs: `claude -p`, `codex exec`, `opencode run`, or any command template. Each gets one
   prompt (build_prompt: the task, the rules of a headless iteration, the state, notes.md, PLAN.md,
   program.md and the loop skill), edits train.py, and ends its answer with a JSON object
-  {"hypothesis", "description"}.
+  {"hypothesis", "description"}. Codex and OpenCode hold the same rules as Claude Code through
+  the repository's own configuration (.codex/, opencode.json and its guard plugin): the command
+  lines built here load it as it is, without touching the user's own configuration.
 
 Usage (from loop.py):
     import proposers
@@ -230,7 +232,7 @@ def random_proposal(train_text, profile, max_seq_len, seed, iteration, tried=())
 # Agent CLIs
 
 AGENTS = ("random", "optuna", "claude", "codex", "opencode", "command")  # optuna: scripts/search.py
-CLAUDE_LOCAL = common.ROOT / "node_modules" / ".bin" / "claude"  # pinned by package-lock.json
+LOCAL_BINARIES = common.ROOT / "node_modules" / ".bin"  # claude, codex, opencode: pinned by package-lock.json
 ANSWER_KEYS = ("hypothesis", "description")
 ANSWER_EXAMPLE = {"hypothesis": "what you changed, what you expect val_bpb to do and why",
                   "description": "a short ledger description, like: matrix lr 0.04 -> 0.05"}
@@ -240,14 +242,52 @@ PLAN_EXAMPLE = "the research plan, markdown, at most 30 lines"
 # runs the experiment, and an unattended Bash could start a second one.
 CLAUDE_TOOLS = "Read,Glob,Grep,Edit,Write"
 CLAUDE_INSTALL_TOOLS = "Bash(uv pip install:*),Bash(pip install:*)"
+# Codex reads the project's .codex/config.toml (permission profile, guard hook, rules) only in a
+# trusted project. A headless run trusts it with -c for that run alone, so the user's own
+# ~/.codex/config.toml is never written; hooks need trust of their own, given the same way.
+CODEX_CONFIG = common.ROOT / ".codex" / "config.toml"
+CODEX_PROFILE = "autoresearch"
+# What the helpers write, read-only for the agent too once it exists (the profile in .codex lists
+# only what every checkout has: Codex leaves an empty file behind for a path that does not exist).
+CODEX_RUNTIME_READ_ONLY = ("results.tsv", "run.log", "runs", ".venv", "node_modules", "PLAN.md", "IDEA.md")
+AGENT_RULES = {"codex": CODEX_CONFIG, "opencode": common.ROOT / "opencode.json"}  # what each runs under
+NO_INSTALLS = {"codex": "Codex's permission profile keeps the network off and .venv read-only",
+               "opencode": "opencode.json refuses pip and uv pip"}
 
 
 def agent_binary(agent, override=None):
     if override:
         return override
-    if agent == "claude" and CLAUDE_LOCAL.exists():
-        return str(CLAUDE_LOCAL)
+    local = LOCAL_BINARIES / agent
+    if agent in ("claude", "codex", "opencode") and local.exists():
+        return str(local)
     return agent
+
+
+def toml_value(value):
+    """`value` (a string, or a dict of them) as TOML, for a -c override on Codex's command line."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(key)} = {toml_value(item)}" for key, item in value.items()) + "}"
+    return json.dumps(value)
+
+
+def codex_overrides():
+    """The -c words that give a headless Codex this project's rules: trust for the project (so its
+    .codex layer loads: profile, hooks, rules), and the profile's filesystem table with the
+    helpers' records and a relocated evaluation cache added."""
+    import tomllib  # only here: the other agents never need it
+
+    with open(CODEX_CONFIG, "rb") as handle:
+        filesystem = tomllib.load(handle)["permissions"][CODEX_PROFILE]["filesystem"]
+    roots = dict(filesystem.get(":workspace_roots", {}))
+    roots.update({name: "read" for name in CODEX_RUNTIME_READ_ONLY if (common.ROOT / name).exists()})
+    filesystem = dict(filesystem, **{":workspace_roots": roots})
+    evaluation = common.cache_dir() / "prepared" / "eval"
+    if evaluation.is_dir():
+        filesystem[f"{evaluation}/*"] = "none"
+    trust = {str(common.ROOT): {"trust_level": "trusted"}}
+    return ["-c", f"projects={toml_value(trust)}", "--dangerously-bypass-hook-trust",
+            "-c", f"permissions.{CODEX_PROFILE}.filesystem={toml_value(filesystem)}"]
 
 
 def agent_command(agent, prompt, prompt_file, options):
@@ -259,9 +299,9 @@ def agent_command(agent, prompt, prompt_file, options):
         tools = CLAUDE_TOOLS + ("," + CLAUDE_INSTALL_TOOLS if options.get("allow_install") else "")
         return [binary, "-p", prompt, "--output-format", "json", "--max-turns", str(options["max_turns"]),
                 "--allowedTools", tools, *extra], None
-    if agent == "codex":
-        return [binary, "exec", "--full-auto", "--skip-git-repo-check", *extra, prompt], None
-    if agent == "opencode":
+    if agent == "codex":  # no --sandbox (it would switch the profile off), no --full-auto (gone)
+        return [binary, "exec", *codex_overrides(), "--color", "never", *extra, prompt], None
+    if agent == "opencode":  # opencode.json and its guard plugin apply; no --auto, no --pure
         return [binary, "run", *extra, prompt], None
     if agent == "command":
         words = shlex.split(options["agent_command"])
@@ -286,7 +326,7 @@ def json_objects(text):
     return found
 
 
-def parse_agent_output(agent, stdout):
+def parse_agent_output(agent, stdout, stderr=""):
     """(answer, meta, error): the agent's {"hypothesis", "description", ...} answer, what its CLI
     reported about the call (cost, turns, errors), and a one-line error when there is no answer."""
     meta, text = {}, stdout
@@ -303,6 +343,10 @@ def parse_agent_output(agent, stdout):
     answers = [obj for obj in json_objects(text) if all(isinstance(obj.get(key), str) for key in ANSWER_KEYS)
                and obj["hypothesis"] != ANSWER_EXAMPLE["hypothesis"]]  # a CLI that echoes the prompt's example
     if not answers or not " ".join(answers[-1]["description"].split()):
+        asked = [line.strip(" !") for line in plain(stderr).splitlines() if "auto-rejecting" in line]
+        if agent == "opencode" and asked and not text.strip():
+            return None, meta, (f"opencode stopped at a permission it would have to ask for ({snippet(asked[-1])}): "
+                                "opencode run rejects it and ends with no answer; allow or deny it in opencode.json")
         return None, meta, ('the answer has no JSON object {"hypothesis": "...", "description": "..."}: '
                             + snippet(text))
     answer = answers[-1]
@@ -313,6 +357,21 @@ def parse_agent_output(agent, stdout):
 def snippet(text, limit=160):
     text = " ".join(str(text or "").split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain(text):
+    """`text` without terminal colour codes (opencode colours its stderr)."""
+    return ANSI_ESCAPE.sub("", str(text or ""))
+
+
+def last_lines(text, lines=4, limit=400):
+    """The end of a failed CLI's stderr, where the error is (the start is often a warning)."""
+    kept = [" ".join(line.split()) for line in plain(text).splitlines() if line.strip()][-lines:]
+    joined = " | ".join(kept)
+    return joined if len(joined) <= limit else "..." + joined[-(limit - 3):]
 
 
 def installed_packages():

@@ -4,18 +4,35 @@ command template. The real Claude Code CLI is in test_loop_claude_cli.py."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from loop_repo import AGENTS, LoopRepo, agent, check_consistent, description, ok
+from loop_repo import AGENTS, PROJECT, LoopRepo, agent, check_consistent, description, ok
 
 
 @pytest.fixture
 def repo(tmp_path):
     return LoopRepo(tmp_path / "repo")
+
+
+CLIENT_RULES = (".codex", "opencode.json", ".opencode-plugin", ".claude")  # what Codex and OpenCode run under
+
+
+def with_client_rules(repo):
+    """The repository's Codex and OpenCode configuration (and the guard they call), committed."""
+    for name in CLIENT_RULES:
+        source = PROJECT / name
+        if source.is_dir():
+            shutil.copytree(source, repo.path / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, repo.path / name)
+    repo.git("add", "-A")
+    repo.git("commit", "-q", "-m", "client rules")
+    return repo
 
 
 def claude_fake(name, *extra):
@@ -156,12 +173,76 @@ def test_the_command_line_of_each_agent_cli(tmp_path):
          "--allowedTools", "Read,Glob,Grep,Edit,Write", "--model", "sonnet"], None)
     installing = proposers.agent_command("claude", "P", prompt_file, dict(options, allow_install=True))[0]
     assert installing[installing.index("--allowedTools") + 1].endswith(",Bash(uv pip install:*),Bash(pip install:*)")
-    options = dict(options, agent_bin=None, agent_args=None)
-    assert proposers.agent_command("codex", "P", prompt_file, options)[0] == [
-        "codex", "exec", "--full-auto", "--skip-git-repo-check", "P"]
-    assert proposers.agent_command("opencode", "P", prompt_file, options)[0] == ["opencode", "run", "P"]
+    options = dict(options, agent_bin="codex", agent_args=None)
+    codex = proposers.agent_command("codex", "P", prompt_file, options)[0]
+    assert codex[:2] == ["codex", "exec"] and codex[-1] == "P"
+    assert "--full-auto" not in codex and "--sandbox" not in codex  # gone; and it would switch the profile off
+    assert "--dangerously-bypass-hook-trust" in codex  # the project's hooks run in a headless run
+    overrides = [codex[i + 1] for i, word in enumerate(codex) if word == "-c"]
+    assert f'projects={{"{proposers.common.ROOT}" = {{"trust_level" = "trusted"}}}}' in overrides
+    [filesystem] = [word for word in overrides if word.startswith("permissions.autoresearch.filesystem=")]
+    assert '"prepare.py" = "read"' in filesystem and '"scripts" = "read"' in filesystem
+    assert proposers.agent_command("opencode", "P", prompt_file, dict(options, agent_bin="opencode"))[0] == [
+        "opencode", "run", "P"]
     assert proposers.agent_command("command", "P", prompt_file, dict(options, agent_command="x --in {prompt_file}")) \
         == (["x", "--in", str(prompt_file)], None)
     assert proposers.agent_command("command", "P", prompt_file, dict(options, agent_command="x -")) == (["x", "-"], "P")
     echoed = json.dumps(proposers.ANSWER_EXAMPLE)  # a CLI that prints the prompt back is not answering
     assert proposers.parse_agent_output("codex", echoed)[2].startswith("the answer has no JSON object")
+
+
+def fake_cli(tmp_path, name, body):
+    """An executable stand-in for an agent CLI: `body` is Python run with the loop's arguments."""
+    path = tmp_path / name
+    path.write_text(f"#!{sys.executable}\nimport sys\n{body}\n")
+    os.chmod(path, 0o755)
+    return str(path)
+
+
+def test_a_failed_agent_call_is_reported_with_the_end_of_its_stderr(repo, tmp_path):
+    # as Codex 0.171 does with --full-auto: a PATH warning first, the error last
+    failing = fake_cli(tmp_path, "codex", "print('WARNING: proceeding, even though we could not create PATH aliases',"
+                       " file=sys.stderr)\nprint('\\n'.join(f'detail {n}' for n in range(20)), file=sys.stderr)\n"
+                       "print(\"error: unexpected argument '--full-auto' found\", file=sys.stderr)\nsys.exit(2)")
+    ok(with_client_rules(repo).start("--agent", "codex", "--agent-bin", failing, "--max-failures", "1"))
+    record = repo.record(1)
+    assert record["outcome"] == "agent_error"
+    assert record["reason"].startswith("the agent exited with code 2: ")
+    assert record["reason"].endswith("error: unexpected argument '--full-auto' found")
+    assert "WARNING" not in record["reason"]
+
+
+def test_an_empty_opencode_answer_after_a_refused_permission_says_so(repo, tmp_path):
+    # opencode run with an `ask` permission: it auto-rejects, prints nothing, and exits 0
+    silent = fake_cli(tmp_path, "opencode", "sys.stderr.write('\\x1b[93m\\x1b[1m! \\x1b[0mpermission requested: "
+                      "external_directory (/etc/*); auto-rejecting\\n\\x1b[91mError: \\x1b[0mThe user rejected "
+                      "permission to use this specific tool call.\\n')")
+    ok(with_client_rules(repo).start("--agent", "opencode", "--agent-bin", silent, "--max-failures", "1"))
+    reason = repo.record(1)["reason"]
+    assert reason.startswith("opencode stopped at a permission it would have to ask for (permission requested: "
+                             "external_directory (/etc/*); auto-rejecting)"), reason
+    assert "allow or deny it in opencode.json" in reason
+
+
+@pytest.mark.parametrize("agent", ["codex", "opencode"])
+def test_installs_are_refused_up_front_for_clients_whose_configuration_refuses_them(repo, tmp_path, agent):
+    result = with_client_rules(repo).start("--agent", agent, "--agent-bin", fake_cli(tmp_path, agent, "pass"),
+                                           "--allow-install")
+    assert result.returncode == 2 and not (repo.path / "runs" / "loop" / "state.json").exists()
+    assert result.stderr.strip().endswith("--allow-install works with --agent claude only: "
+                                          + proposers_module().NO_INSTALLS[agent] + " for the agent")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def proposers_module():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import proposers
+
+    return proposers
+
+
+@pytest.mark.parametrize("agent, rules", [("codex", ".codex/config.toml"), ("opencode", "opencode.json")])
+def test_a_client_without_its_rules_in_the_repository_is_refused(repo, tmp_path, agent, rules):
+    result = repo.start("--agent", agent, "--agent-bin", fake_cli(tmp_path, agent, "pass"))
+    assert result.returncode == 2 and not (repo.path / "runs" / "loop" / "state.json").exists()
+    assert f"{rules} is missing" in result.stderr and len(result.stderr.strip().splitlines()) == 1
