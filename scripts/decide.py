@@ -4,7 +4,8 @@ keep      appends a `keep` row and leaves the branch where it is. Refused (exit 
           the experiment beat the best by the noise margin (common.KEEP_MARGIN_NOISE noise units
           on one run, or on the mean of its runs after `experiment.py --confirm`), or is a
           simplification within the noise (train.py got shorter), and the referee verified its
-          number. A marginal win is refused with the command that confirms it. --force overrides
+          number. A marginal win is refused with the command that confirms it, and so is a keep
+          after any pinned file or any byte of the prepared data changed. --force overrides
           these (the row says so), but never for a diff that only touches seeds, printing, logging
           or comments, or changes nothing: those are never a keep. The row carries the judged
           val_bpb: the mean of the runs, on the referee's numbers. A keep that makes a new best

@@ -1,23 +1,30 @@
 """Run one experiment: commit train.py, train with a hard timeout, referee the result, print one line.
 
 Refuses (exit 2, one line) off the session's autoresearch/* branch, when tracked files other than
-train.py differ from HEAD, when prepare.py or a helper no longer matches its pin from setup, and
-while an earlier experiment awaits its decision. Otherwise commits train.py when it changed
-(`experiment: DESCRIPTION`; unchanged means a re-run of HEAD), trains in its own process group
-(in the sandbox where Linux allows it: no network, the repository read-only but for the run
-folder) with all output in runs/<NNNN>-<commit7>/run.log (run.log at the root links to the
-latest), kills the whole group on timeout, writes runs/<NNNN>-<commit7>/summary.json, and marks
-the experiment pending until `decide.py` closes it.
+train.py differ from HEAD, when prepare.py, a helper, a hook, .claude/settings.json or the prepared
+data no longer match their pins from setup, and while an earlier experiment awaits its decision.
+Otherwise commits train.py when it changed (`experiment: DESCRIPTION`; unchanged means a re-run of
+HEAD) and trains it in the sandbox where Linux allows it (bubblewrap: no network, a PID namespace
+that ends every process of the run with it, a private HOME and /tmp, the repository, Python and
+the train data read-only, the evaluation data hidden, and only runs/<NNNN>-<commit7>/out/ writable),
+with all output in runs/<NNNN>-<commit7>/run.log (run.log at the root links to the latest). The
+helper measures the run's compute itself (on the cpu profile the CPU time of its whole process
+tree, else wall time) and stops it past the budget plus the allowance setup measured: `invalid`.
+
+Then the referee scores the model the run saved (out/model.pt2): a copy of the pinned prepare.py,
+run with `python -I` in an empty folder, in the sandbox with everything read-only. Its number is
+the result (appended to run.log as `val_bpb:`); a model it refuses or that looks ahead, or a
+number printed by train.py that disagrees with it by more than common.REFEREE_TOLERANCE_BPB,
+makes the experiment `invalid`. With setup's --no-referee the number is train.py's own, labelled
+self-reported, and never verified. summary.json records the protections and whether the result
+is `verified`; the result line names any protection that was off.
 
 The verdict compares the result with the best kept, in units of the session's noise (the spread
 of val_bpb across seeds, measured by setup.py): `improved` when one run beats the best by
 common.KEEP_MARGIN_NOISE noise units, `marginal` when it beats it by less, `rerun`/`cosmetic`
 when the diff changes nothing that trains (never kept). A marginal win is confirmed with
 `--confirm`: the same commit re-run under a new seed (its own runs/ folder, linked both ways),
-judged on the mean of the two runs. Before anything may be kept, the referee re-scores the model
-train.py saved (runs/<NNNN>-<commit7>/model.pt2) with `prepare.py score` in a fresh process that
-never imports train.py; a disagreement beyond common.REFEREE_TOLERANCE_BPB, or a model that
-looks ahead, makes the experiment `invalid`, and the referee's number is the one that counts.
+judged on the mean of the two runs.
 
 Nothing training prints reaches the console: one line for a result (exit 0), at most three for a
 crash or an invalid result (exit 1), never more than 300 bytes. The line ends with the next

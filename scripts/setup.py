@@ -3,8 +3,7 @@
 Creates branch autoresearch/<tag> from the current commit, writes the results.tsv header,
 creates notes.md and .claude/context/memory/{learnings,issues,decisions}.md from the tracked
 templates when they do not exist yet (never overwriting), checks that prepare.py has run, and
-records runs/session.json, whose pins (the sha256 of prepare.py, of every helper and of the
-prepared evaluation data) every later experiment and keep checks. The ledger and runs of an
+records runs/session.json, whose pins (below) every later experiment and keep checks. The ledger and runs of an
 earlier session are moved to runs/archive/<old tag>/ first, so nothing is lost.
 
 Then it measures the noise floor: the starting commit (the baseline's code) trained again under
@@ -13,14 +12,20 @@ run setup in the background or pass --noise-runs 0 and measure later). The basel
 adds its own run, and noise_bpb in session.json is the standard deviation of val_bpb across
 seeds (pooled over commits). `--measure-noise` adds runs of HEAD to an existing session.
 
-It also checks once whether training can run in the sandbox (no network, the repository
-read-only but for the run folder: Linux user, network and mount namespaces via `unshare`) and
-says so when it cannot; --no-sandbox turns it off, --no-referee turns off the re-scoring of
-results by prepare.py (for a train.py whose model torch.export cannot save). Both are recorded.
+The noise runs of the starting commit (the human's code) also measure the compute a run needs
+beyond its budget (start-up, evaluation, export); every later run may use the budget plus a
+bounded allowance derived from it (common.allowance_from), and is stopped and `invalid` past that.
+
+It also checks once whether training can run in the sandbox (bubblewrap: see experiment.py) and
+says so when it cannot; --no-sandbox turns it off, --no-referee turns off the referee (train.py
+then scores itself, sees the evaluation data, and its results are self-reported, never verified).
+Both are recorded, and neither may replace a session that had them on unless --new-session says
+so. The pins: prepare.py, scripts/*.py, .claude/hooks/*, .claude/settings.json, and every file
+of the prepared data (sha256, size, mtime_ns and inode).
 
 Usage:
     uv run scripts/setup.py [--tag TAG] [--deadline HOURS|ISO-TIME] [--max-experiments N]
-                            [--noise-runs N] [--no-sandbox] [--no-referee]
+                            [--noise-runs N] [--no-sandbox] [--no-referee] [--new-session]
     uv run scripts/setup.py --measure-noise [--noise-runs N]
 """
 
