@@ -280,7 +280,9 @@ def codex_overrides():
     with open(CODEX_CONFIG, "rb") as handle:
         filesystem = tomllib.load(handle)["permissions"][CODEX_PROFILE]["filesystem"]
     roots = dict(filesystem.get(":workspace_roots", {}))
-    roots.update({name: "read" for name in CODEX_RUNTIME_READ_ONLY if (common.ROOT / name).exists()})
+    # a symlink (run.log points into runs/) cannot be a carve-out: Codex refuses to start
+    roots.update({name: "read" for name in CODEX_RUNTIME_READ_ONLY
+                  if (common.ROOT / name).exists() and not (common.ROOT / name).is_symlink()})
     filesystem = dict(filesystem, **{":workspace_roots": roots})
     evaluation = common.cache_dir() / "prepared" / "eval"
     if evaluation.is_dir():
