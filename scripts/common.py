@@ -670,6 +670,9 @@ def _stop_run(process, sandboxed, grace=KILL_GRACE_SECONDS):
     return reaped
 
 
+POLL_SECONDS = 0.25  # how often the run's compute is read while it runs: the most it can overrun its limit by
+
+
 def run_logged(command, log_path, env, timeout, on_start=lambda pid: None, compute_limit=None,
                clock="wall_time", sandboxed=False):
     """Run `command` at the root with all output in log_path (a fresh file: an existing one, or a
@@ -696,22 +699,23 @@ def run_logged(command, log_path, env, timeout, on_start=lambda pid: None, compu
         usage = None
         try:
             on_start(process.pid)
-            pause = 0.01
+            pause, scanned = 0.002, started
             while True:
                 pid, status, usage = os.wait4(process.pid, os.WNOHANG)
                 if pid:
                     process.returncode = os.waitstatus_to_exitcode(status)
                     break
-                elapsed = time.monotonic() - started
-                cpu = max(cpu, tree_cpu_seconds(process.pid))
-                if elapsed > timeout:
+                now = time.monotonic()
+                if now - scanned >= POLL_SECONDS:  # reading /proc costs a few ms: not at every wake-up
+                    cpu, scanned = max(cpu, tree_cpu_seconds(process.pid)), now
+                if now - started > timeout:
                     result["timed_out"] = True
                     break
-                if compute_limit is not None and (cpu if clock == "cpu_time" else elapsed) > compute_limit:
+                if compute_limit is not None and (cpu if clock == "cpu_time" else now - started) > compute_limit:
                     result["over_budget"] = True
                     break
                 time.sleep(pause)
-                pause = min(pause * 2, 0.5)  # a quick fake run ends in milliseconds; a real one is polled twice a second
+                pause = min(pause * 1.5, POLL_SECONDS)  # a quick fake run ends in milliseconds
         except (Interrupted, KeyboardInterrupt):
             result["interrupted"] = True
         finally:
