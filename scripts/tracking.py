@@ -42,6 +42,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -393,7 +394,7 @@ class WandbTracker:
         return [f"{key}:{value}"[:64] for key, value in tags.items() if key in ("status", "verdict", "lane", "kind")]
 
     def sync(self, run, known):
-        run_id = known["run_id"] if known else self.wandb.util.generate_id()
+        run_id = known["run_id"] if known else secrets.token_hex(4)  # W&B's own ids are 8 such characters
         config = dict(run["params"], commit=run["tags"]["commit"], parent=run["tags"]["parent"],
                       run_folder=run["tags"]["run"])
         active = self.start(run_id, run, config=config, tags=self.tag_list(run["tags"]))

@@ -8,6 +8,7 @@ read back with Optuna itself from the SQLite file the loop wrote.
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -90,12 +91,13 @@ def test_cma_es_on_request(repo):
 
 def test_a_crash_is_a_failed_trial(repo, tmp_path):
     """A trainer that crashes on anything but the baseline's train.py: every trial fails."""
-    crasher = tmp_path / "crash_unless_baseline.py"
+    crasher = tmp_path / "crash_unless_baseline.py"  # its folder is all the sandbox shows of it: the bowl goes there too
+    shutil.copy(BOWL, tmp_path / "bowl.py")
     crasher.write_text(
         "import hashlib, runpy, sys\n"
         f"if hashlib.sha256(open('train.py', 'rb').read()).hexdigest() != {repr(sha(repo.path / 'train.py'))}:\n"
         "    raise SystemExit('RuntimeError: boom')\n"
-        f"runpy.run_path({str(BOWL)!r}, run_name='__main__')\n")
+        f"runpy.run_path({str(tmp_path / 'bowl.py')!r}, run_name='__main__')\n")
     command = f"{shlex.quote(sys.executable)} {shlex.quote(str(crasher))}"
     ok(repo.start("--agent", "optuna", "--max-experiments", "5", "--max-failures", "2", "--tag", "crash",
                   "--train-command", command))
