@@ -74,7 +74,8 @@ def shell(command):
     return tool_use("exec_command", {"cmd": command, "login": False})
 
 
-def run_codex(codex, root, env, config, script, *flags, prompt="have a look at program.md and kick off a new experiment"):
+def run_codex(codex, root, env, config, script, *flags,
+              prompt="have a look at program.md and kick off a new experiment"):
     with ScriptedOpenAI(script) as model:
         config.write_text(user_config(model, trusted_root=root))
         started = time.monotonic()
