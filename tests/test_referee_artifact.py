@@ -7,7 +7,6 @@ causal model with torch's own archive writer, so only the attacked part differs.
 """
 
 import importlib
-import io
 import json
 import os
 import pickle
