@@ -45,6 +45,7 @@ import re
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -150,14 +151,23 @@ def submit(run_dir, note=None, **event):
         if not note or note["state"] != "queued":
             return note
         run_dir = Path(run_dir)
-        model = run_dir / common.MODEL_FILE
         event = dict(event, kind=event.get("kind", "sync"), run=run_dir.name, tracker=note["tracker"],
-                     artifact_bytes=model.stat().st_size if model.is_file() else None, submitted_at=common.now_iso())
+                     artifact_bytes=artifact_bytes(run_dir), submitted_at=common.now_iso())
         enqueue(event)
         start_worker()
     except Exception as error:  # noqa: BLE001 (a broken tracker is a warning, never a failed experiment)
         print(f"tracking: not recorded: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
     return note
+
+
+def artifact_bytes(run_dir):
+    """The size of the model training saved (out/model.pt2), now: a discard deletes it. Never
+    followed through a link, as training wrote that folder."""
+    try:
+        status = os.lstat(common.model_path(run_dir))
+    except OSError:
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
 
 
 def submit_backtrack(target_commit, rows):
