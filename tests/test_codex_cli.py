@@ -121,6 +121,7 @@ def test_the_rules_are_refused_by_machine_and_train_py_is_not(codex, project, tm
         shell("git push origin HEAD:refs/heads/stolen"),
         shell("pip install einops"),
         patch("train.py", "    MATRIX_LR = 0.03", "    MATRIX_LR = 0.045"),
+        shell("uv run scripts/status.py"),  # a helper: let out of Codex's sandbox by the rules file
         text("Done."),
     ]
     flags = ["--dangerously-bypass-hook-trust"] if hooks else []
@@ -129,7 +130,7 @@ def test_the_rules_are_refused_by_machine_and_train_py_is_not(codex, project, tm
     assert seconds < 60
     outputs = [" ".join(tool_outputs(request)) for request in model.agent_requests[1:]]
     assert len(outputs) == len(script) - 1, outputs
-    log, prepare, scripts, push, install, train = outputs
+    log, prepare, scripts, push, install, train, status = outputs
     if hooks:
         for name, output in zip(ATTACKS, outputs):
             assert "blocked by PreToolUse hook" in output, (name, output)
@@ -145,6 +146,7 @@ def test_the_rules_are_refused_by_machine_and_train_py_is_not(codex, project, tm
     refs = subprocess.run(["git", "for-each-ref"], cwd=remote, capture_output=True, text=True, check=True).stdout
     assert refs == ""
     assert "Success" in train and "    MATRIX_LR = 0.045" in (root / "train.py").read_text()
+    assert "Process exited with code 0" in status and "clitest" in status, status
     assert not [path for path in ("STOP", "runs", "results.tsv") if (root / path).is_file()
                 and (root / path).stat().st_size == 0]  # no empty files left where carve-outs point
 
