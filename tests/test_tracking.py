@@ -271,3 +271,31 @@ def test_a_tracker_that_is_down_costs_one_warning_line_and_a_note(tmp_path):
     assert down["status"] == "ok" and json.loads(summaries[0].read_text())["tracking"] is None
     assert timings["down"] - timings["off"] < 1.0, timings
     assert [row[3] for row in repo.rows()] == ["keep", "discard"]
+
+
+def test_a_server_that_never_answers_does_not_slow_the_experiment_and_the_worker_gives_up(tmp_path):
+    """It accepts the connection (the quick check passes) and then says nothing: the worker, not the
+    experiment, waits, and records the failure in runs/tracking/."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    repo = LoopRepo(tmp_path / "repo")
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{listener.getsockname()[1]}", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    try:
+        setup = helper(repo, "setup.py", "--tag", "silent", "--noise-runs", "0", "--no-referee", "--track", "mlflow",
+                       env=env)
+        assert setup.returncode == 0, setup.stdout + setup.stderr
+        started = time.monotonic()
+        result = helper(repo, "experiment.py", "baseline", env=env)
+        seconds = time.monotonic() - started
+        assert result.returncode == 0 and "tracking:" not in result.stderr, result.stdout + result.stderr
+        run_dir = next((repo.path / "runs").glob("0*/summary.json")).parent
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["tracking"]["state"] == "queued"
+        assert seconds < 10, seconds  # training the bowl takes well under a second; the worker is detached
+        runs = wait_for_tracking(repo, seconds=150)
+        assert "not recorded" in (repo.path / "runs" / "tracking" / "tracking.log").read_text()
+        assert runs[f"mlflow:{run_dir.name}"]["error"]
+    finally:
+        listener.close()
