@@ -119,11 +119,13 @@ def test_the_rules_are_refused_by_machine_and_train_py_is_not(opencode, project,
     outputs = [" ".join(tool_outputs(request)) for request in model.agent_requests[1:]]
     assert len(outputs) == len(script) - 1, outputs
     log, prepare, scripts, push, install, train = outputs
+    # the guard's reasons, thrown by the plugin (opencode.json would refuse the edit, push and
+    # install too, but not the log read or the sed: permissions see commands, not what they touch)
     assert "Do not read whole logs" in log and "SECRET-LOG-LINE" not in log
-    assert "prepare.py" in prepare and "may be edited" in prepare
+    assert "prepare.py" in prepare and "Edit applied" not in prepare
     assert "scripts/common.py" in scripts
-    assert "git push" in push
-    assert "No new packages" in install
+    assert "push" in push and "stolen" not in push
+    assert "packages" in install.lower() and "Successfully installed" not in install
     assert {name: sha256(root / name) for name in before} == before
     refs = subprocess.run(["git", "for-each-ref"], cwd=remote, capture_output=True, text=True, check=True).stdout
     assert refs == ""
@@ -163,7 +165,7 @@ def test_the_loop_drives_the_real_opencode_cli(opencode, project, tmp_path):
     assert call["error"] is None and call["answer"]["hypothesis"] == ANSWER["hypothesis"]
     assert call["command"][:2] == [opencode, "run"]
     [prepare_output] = tool_outputs(model.agent_requests[1])
-    assert "prepare.py" in prepare_output and "may be edited" in prepare_output  # the guard plugin ran
+    assert "prepare.py" in prepare_output and "Edit applied" not in prepare_output  # refused
     assert sha256(root / "prepare.py") == prepare
     shown = subprocess.run(["git", "show", "HEAD:train.py"], cwd=root, capture_output=True, text=True).stdout
     assert "    MATRIX_LR = 0.045" in shown
