@@ -1161,6 +1161,10 @@ def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: Non
     env.update(AUTORESEARCH_SEED=str(seed), PYTHONUNBUFFERED="1", AUTORESEARCH_EXPORT=str(out / MODEL_FILE),
                AUTORESEARCH_PROFILE=str(session.get("profile") or ""),
                AUTORESEARCH_DATASET=str(session.get("dataset") or ""))
+    if guards["compute_measured"] == "cpu_time":
+        # Threads waiting for work sleep instead of spinning: a spin burns CPU time, the budget's clock
+        # here, and spins longest when the machine is loaded, which would cost steps under load.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sandboxed = guards["sandbox"] == "on"
     if sandboxed:  # compiler caches in the sandbox's own /tmp: nothing a run writes reaches the next one
         env.update(TORCHINDUCTOR_CACHE_DIR="/tmp/inductor", TRITON_CACHE_DIR="/tmp/triton")

@@ -1,0 +1,118 @@
+"""The cpu profile's noise floor as setup measures it, on a quiet machine and under load (issue 11).
+
+Copies this project into a throw-away git repository, prepares the built-in corpus for the cpu
+profile in a throw-away cache, and runs setup's noise measurement through the real helpers:
+setup.py with its two noise runs, then the baseline experiment, so three seeds of the real
+train.py, each in the sandbox and scored by the referee. Then the same again (a new session) with
+--busy processes spinning on the CPU. Prints each run's val_bpb, steps and compute, both spreads
+(the pooled standard deviation setup records as noise_bpb) and their ratio.
+
+The cpu profile's budget is CPU time (train.py's clock and the helper's measure), so a loaded
+machine should train the same steps, only slower by the wall clock. Target: the loaded spread
+within 1.5x of the quiet one, and below 0.02 val_bpb. It takes a while: six runs of the profile's
+budget (90 s of CPU each, about three quarters of a minute on two idle cores, twice that under the
+load) plus evaluation, export and the referee.
+
+Usage:
+    uv run benchmarks/noise_floor.py [--time-budget SECONDS] [--eval-tokens N] [--busy N]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+BUSY_LOOP = "while True: pass"
+
+
+def copy_project(root):
+    repo = root / "repo"
+    repo.mkdir()
+    for name in ("prepare.py", "train.py", ".gitignore"):
+        shutil.copy(PROJECT / name, repo)
+    for folder in ("scripts", "skills"):
+        shutil.copytree(PROJECT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for command in (["init", "-q", "-b", "main"], ["config", "user.name", "bench"],
+                    ["config", "user.email", "bench@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
+        subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
+    return repo
+
+
+def helper(repo, env, *args, timeout=3600):
+    result = subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed (exit {result.returncode}): {(result.stderr or result.stdout).strip()}")
+    return result.stdout.strip()
+
+
+def measure(repo, env, tag):
+    """setup.py's noise runs and the baseline: (noise_bpb, [per-run dicts], wall seconds)."""
+    started = time.monotonic()
+    helper(repo, env, "scripts/setup.py", "--tag", tag, "--noise-runs", "2", "--new-session")
+    helper(repo, env, "scripts/experiment.py", "baseline")
+    helper(repo, env, "scripts/decide.py", "keep")
+    seconds = time.monotonic() - started
+    session = json.loads((repo / "runs" / "session.json").read_text())
+    runs = []
+    for sample in session["noise_runs"]:
+        summary = json.loads(next((repo / "runs").glob(f"{sample['run']}/summary.json")).read_text())
+        runs.append({"seed": sample["seed"], "val_bpb": sample["val_bpb"], "steps": summary["metrics"].get("num_steps"),
+                     "cpu_s": summary.get("compute_seconds"), "wall_s": summary.get("wall_seconds"),
+                     "sandbox": summary.get("sandbox")})
+    return session["noise_bpb"], runs, seconds
+
+
+def report(label, noise, runs, seconds):
+    values = ", ".join(f"seed {run['seed']}: {run['val_bpb']:.6f} ({run['steps']} steps, {run['cpu_s']:.0f} s cpu, "
+                       f"{run['wall_s']:.0f} s wall)" for run in runs)
+    print(f"{label}: noise {noise:.6f} val_bpb over {len(runs)} seeds [{values}], {seconds / 60:.1f} min, "
+          f"sandbox {runs[0]['sandbox']}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="The cpu profile's noise floor, quiet and under load.")
+    parser.add_argument("--time-budget", type=int, help="prepare with this training budget (default: the "
+                        "cpu profile's)")
+    parser.add_argument("--eval-tokens", type=int, help="prepare with this many evaluation tokens (default: "
+                        "the cpu profile's)")
+    parser.add_argument("--busy", type=int, default=2, help="busy processes for the loaded measurement (default 2)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="noise-floor-") as temporary:
+        root = Path(temporary)
+        repo, cache = copy_project(root), root / "cache"
+        env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
+        for key in ("AUTORESEARCH_TRAIN_COMMAND", "AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE", "AUTORESEARCH_DATASET"):
+            env.pop(key, None)
+        prepare = ["prepare.py", "--dataset", "builtin", "--profile", "cpu"]
+        prepare += ["--time-budget", str(args.time_budget)] if args.time_budget else []
+        prepare += ["--eval-tokens", str(args.eval_tokens)] if args.eval_tokens else []
+        started = time.monotonic()
+        helper(repo, env, *prepare)
+        manifest = json.loads((cache / "prepared" / "prepared.json").read_text())
+        print(f"prepared the builtin corpus for the cpu profile in {time.monotonic() - started:.0f} s: budget "
+              f"{manifest['time_budget']} s of CPU time, {manifest['eval_tokens']} eval tokens", flush=True)
+
+        quiet = measure(repo, env, "quiet")
+        report("quiet", *quiet)
+        busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], start_new_session=True) for _ in range(args.busy)]
+        try:
+            loaded = measure(repo, env, "loaded")
+        finally:
+            for process in busy:
+                process.kill()
+                process.wait()
+        report(f"with {args.busy} busy processes", *loaded)
+        ratio = loaded[0] / quiet[0] if quiet[0] else float("inf")
+        target = "met" if ratio <= 1.5 and loaded[0] < 0.02 else "NOT met"
+        print(f"spread under load / quiet spread = {ratio:.2f} (target <= 1.5 and loaded < 0.02: {target})")
+
+
+if __name__ == "__main__":
+    main()
