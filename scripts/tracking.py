@@ -40,6 +40,7 @@ import ast
 import fcntl
 import importlib.util
 import json
+import math
 import os
 import re
 import secrets
@@ -246,7 +247,7 @@ def losses(run_log):
         match = LOSS_LINE.match(line)
         if match:
             value = float(match.group(2))
-            if value == value and abs(value) != float("inf"):
+            if math.isfinite(value):  # MLflow refuses NaN; a diverged run's last loss is in run.log
                 found.append((int(match.group(1)), value))
     return found
 
@@ -456,7 +457,10 @@ def process(event, trackers, runs):
     tracker = trackers.get(event["tracker"])
     if tracker is None:
         tracker = trackers[event["tracker"]] = MLflowTracker() if event["tracker"] == "mlflow" else WandbTracker()
-    key = lambda name: f"{event['tracker']}:{name}"  # noqa: E731
+
+    def key(name):
+        return f"{event['tracker']}:{name}"
+
     if event["kind"] == "backtrack":
         for name, entry in runs.items():
             if name.startswith(event["tracker"] + ":") and entry.get("commit") in event["abandoned"] and entry.get("run_id"):

@@ -299,3 +299,15 @@ def test_a_server_that_never_answers_does_not_slow_the_experiment_and_the_worker
         assert runs[f"mlflow:{run_dir.name}"]["error"]
     finally:
         listener.close()
+
+
+def test_an_unknown_tracker_is_refused_at_setup_before_anything_changes(tmp_path):
+    repo = LoopRepo(tmp_path / "repo")
+    result = helper(repo, "setup.py", "--tag", "bad", "--noise-runs", "0", env={"AUTORESEARCH_TRACK": "tensorboard"})
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "--track tensorboard: choose mlflow, wandb or none" in result.stderr
+    assert repo.git("branch", "--list", "autoresearch/bad") == "" and not (repo.path / "runs" / "session.json").exists()
+    off = helper(repo, "setup.py", "--tag", "off", "--noise-runs", "0", "--track", "none",
+                 env={"AUTORESEARCH_TRACK": "tensorboard"})
+    assert off.returncode == 0, off.stderr
+    assert json.loads((repo.path / "runs" / "session.json").read_text())["track"] is None
