@@ -33,8 +33,8 @@ NOTES = """# Research notes
 """
 
 
-@pytest.fixture
-def project(tmp_path):
+def make_project(tmp_path):
+    """The small project the hooks run against (shared with test_guard_table.py)."""
     (tmp_path / "train.py").write_text("print('train')\n")
     (tmp_path / "prepare.py").write_text("print('prepare')\n")
     (tmp_path / "run.log").write_text("step\n" * 500)
@@ -45,6 +45,11 @@ def project(tmp_path):
     return tmp_path
 
 
+@pytest.fixture
+def project(tmp_path):
+    return make_project(tmp_path)
+
+
 def start_session(project, rows=(), **session):
     (project / "runs").mkdir(exist_ok=True)
     base = {"tag": "nov23", "branch": "autoresearch/nov23", "started_at": "2026-11-23T00:00:00Z"}
@@ -53,24 +58,31 @@ def start_session(project, rows=(), **session):
     (project / "results.tsv").write_text("\n".join(lines) + "\n")
 
 
-def run_hook(name, payload, project, env=None):
+def run_hook(name, payload, project, env=None, hooks=HOOKS):
+    """Run one hook as the client does; its JSON answer, or None when it printed nothing. A refusal
+    must come both ways: the JSON decision on stdout, and the same reason on stderr with exit 2."""
     environment = dict(os.environ, CLAUDE_PROJECT_DIR=str(project))
-    environment.pop("AUTORESEARCH_MAINTAINER", None)
-    environment.pop("AUTORESEARCH_HEADLESS", None)
+    for name_ in ("AUTORESEARCH_MAINTAINER", "AUTORESEARCH_HEADLESS", "AUTORESEARCH_ALLOW_INSTALL"):
+        environment.pop(name_, None)
     environment.update(env or {})
+    environment = {key: value for key, value in environment.items() if value is not None}
     result = subprocess.run(
-        [sys.executable, str(HOOKS / name)], input=json.dumps(payload), capture_output=True,
-        text=True, env=environment, timeout=30,
+        [sys.executable, str(hooks / name)], input=payload if isinstance(payload, str) else json.dumps(payload),
+        capture_output=True, text=True, env=environment, timeout=30,
     )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout) if result.stdout.strip() else None
+    output = json.loads(result.stdout) if result.stdout.strip() else None
+    if result.returncode == 2:
+        assert output["hookSpecificOutput"]["permissionDecisionReason"] == result.stderr.strip()
+    else:
+        assert result.returncode == 0, result.stderr
+    return output
 
 
-def guard(tool_name, tool_input, project):
+def guard(tool_name, tool_input, project, cwd=None, env=None):
     """The deny reason the guard gives, or None when the call is allowed."""
-    payload = {"session_id": "s", "hook_event_name": "PreToolUse", "cwd": str(project),
+    payload = {"session_id": "s", "hook_event_name": "PreToolUse", "cwd": str(cwd or project),
                "tool_name": tool_name, "tool_input": tool_input}
-    output = run_hook("guard_tool_use.py", payload, project)
+    output = run_hook("guard_tool_use.py", payload, project, env=env)
     if output is None:
         return None
     decision = output["hookSpecificOutput"]
@@ -78,157 +90,7 @@ def guard(tool_name, tool_input, project):
     return decision["permissionDecisionReason"]
 
 
-# ---------------------------------------------------------------------------------------------
-# PreToolUse guard: a table of tool calls. `None` means allowed; a string is a word that the
-# one-line reason must contain (the command to use instead, or what is wrong).
-
-BASH_CASES = [
-    # the helpers and ordinary reading are allowed
-    ("uv run scripts/status.py", None),
-    ('uv run scripts/experiment.py "raise lr to 0.05"', None),
-    ("uv run scripts/decide.py keep", None),
-    ("uv run scripts/memory.py search 'learning rate'", None),
-    ("grep '^val_bpb:' run.log", None),
-    ("grep -c step run.log && uv run scripts/status.py", None),
-    ("tail -n 50 run.log", None),
-    ("tail -20 run.log", None),
-    ("tail run.log", None),
-    ("head -n 30 run.log | grep loss", None),
-    ("git status && git log --oneline -5", None),
-    ("git diff HEAD~1 -- train.py", None),
-    ("git checkout train.py", None),
-    ("cat train.py", None),
-    ("echo 'git push is forbidden; cat run.log too'", None),
-    ('echo "tail -n 500 run.log"', None),
-    ("uv run prepare.py --dataset builtin", None),
-    ("ls runs/ > /tmp/listing.txt", None),
-    ("cat <<'EOF' >> notes.md\nit's a lesson; git push would be bad\nEOF", None),
-    ("python3 -c 'import ast; ast.parse(open(\"train.py\").read())'", None),
-    # whole logs
-    ("cat run.log", "tail -n 50"),
-    ("less runs/0003-abc1234/run.log", "tail -n 50"),
-    ("tail -n 200 run.log", "tail -n 50"),
-    ("tail -n +1 run.log", "tail -n 50"),
-    ("tail -f run.log", "tail -n 50"),
-    ("head -100 run.log", "tail -n 50"),
-    ("cat run.log | tail -5", "tail -n 50"),
-    ("ls && cat run.log", "tail -n 50"),
-    ("true; (cd runs && cat 0001-abc/run.log)", "tail -n 50"),
-    ("echo $(cat run.log)", "tail -n 50"),
-    ('echo "$(tail -n 1000 run.log)"', "tail -n 50"),
-    ("x=`cat run.log`", "tail -n 50"),
-    ("bash -c 'cat run.log'", "tail -n 50"),
-    ("sh -c \"ls; tail -n 99 run.log\"", "tail -n 50"),
-    ("eval cat run.log", "tail -n 50"),
-    ("uv run scripts/status.py\ncat run.log", "tail -n 50"),
-    # git: push, ledger, history
-    ("git push", "nothing leaves"),
-    ("git push origin autoresearch/nov23", "nothing leaves"),
-    ("git -C . push --force", "nothing leaves"),
-    ("uv run scripts/status.py && git push", "nothing leaves"),
-    ("bash -c 'git add train.py && git push'", "nothing leaves"),
-    ("bash <<EOF\ngit push\nEOF", "nothing leaves"),
-    ("git add results.tsv", "decide.py"),
-    ("git add -f results.tsv run.log", "decide.py"),
-    ("git commit -am 'try lr'", "experiment.py"),
-    ("git add train.py && git commit -m x", "experiment.py"),
-    ("git reset --hard HEAD~1", "decide.py discard"),
-    ("git checkout abc1234", "decide.py backtrack"),
-    ("git rebase -i HEAD~3", "decide.py"),
-    ("git clean -fdx", "untracked ledger"),
-    # running training by hand
-    ("uv run train.py", "experiment.py"),
-    ("uv run train.py > run.log 2>&1", "experiment.py"),
-    ("timeout 600 python train.py", "experiment.py"),
-    # packages
-    ("pip install flash-attn", "pyproject.toml"),
-    ("python -m pip install einops", "pyproject.toml"),
-    ("uv add einops", "pyproject.toml"),
-    ("uv pip install einops", "pyproject.toml"),
-    ("uv run --with einops scripts/status.py", "pyproject.toml"),
-    ("sudo apt-get install -y htop", "pyproject.toml"),
-    # network
-    ("curl -sL https://example.com/paper.pdf -o paper.pdf", "network"),
-    ("wget https://example.com/x", "network"),
-    ("ls | xargs -n1 ssh host", "network"),
-    ("git clone https://github.com/karpathy/nanochat /tmp/n", "network"),
-    # shell writes outside train.py and the memory files
-    ("echo '# tweak' >> prepare.py", "referee"),
-    ("sed -i 's/2048/4096/' prepare.py", "referee"),
-    ("cp /tmp/other.py prepare.py", "referee"),
-    ("printf 'x' | tee scripts/decide.py", "research org"),
-    ("echo 'abc\t0.9\t1.0\tkeep\tfake' >> results.tsv", "decide.py"),
-    ("rm -rf runs", "decide.py"),
-    ("touch STOP", "Only the human"),
-    ("sed -i 's/0.04/0.05/' train.py", None),
-    ("echo '- lesson' >> .claude/context/memory/learnings.md", None),
-    # secrets
-    ("cat ~/.ssh/id_ed25519", "Secrets"),
-    ("grep KEY .env", "Secrets"),
-    # unparseable
-    ("echo 'unbalanced", "parse"),
-]
-
-
-@pytest.mark.parametrize("command,expected", BASH_CASES, ids=[case[0][:60] for case in BASH_CASES])
-def test_guard_bash(project, command, expected):
-    reason = guard("Bash", {"command": command, "description": "test"}, project)
-    if expected is None:
-        assert reason is None, reason
-    else:
-        assert reason is not None, f"not blocked: {command!r}"
-        assert expected in reason
-        assert "\n" not in reason  # one line
-
-
-def file_cases(project):
-    root = str(project)
-    return [
-        ("Edit", {"file_path": f"{root}/train.py", "old_string": "a", "new_string": "b"}, None),
-        ("Write", {"file_path": f"{root}/notes.md", "content": "x"}, None),
-        ("Write", {"file_path": f"{root}/REPORT.md", "content": "x"}, None),
-        ("Edit", {"file_path": f"{root}/.claude/context/memory/learnings.md", "old_string": "a", "new_string": "b"}, None),
-        ("MultiEdit", {"file_path": f"{root}/train.py", "edits": []}, None),
-        ("Edit", {"file_path": f"{root}/prepare.py", "old_string": "a", "new_string": "b"}, "referee"),
-        ("Write", {"file_path": f"{root}/scripts/decide.py", "content": "x"}, "research org"),
-        ("Write", {"file_path": f"{root}/program.md", "content": "x"}, "research org"),
-        ("Edit", {"file_path": f"{root}/.claude/settings.json", "old_string": "a", "new_string": "b"}, "research org"),
-        ("Write", {"file_path": f"{root}/.claude/hooks/guard_tool_use.py", "content": "x"}, "research org"),
-        ("Write", {"file_path": f"{root}/results.tsv", "content": "x"}, "decide.py"),
-        ("Write", {"file_path": f"{root}/train_v2.py", "content": "x"}, "not part of the experiment"),
-        ("Write", {"file_path": f"{root}/../elsewhere.py", "content": "x"}, "train.py"),
-        ("NotebookEdit", {"notebook_path": f"{root}/explore.ipynb", "new_source": "x"}, "train.py"),
-        ("Read", {"file_path": f"{root}/train.py"}, None),
-        ("Read", {"file_path": f"{root}/run.log", "offset": 450, "limit": 50}, None),
-        ("Read", {"file_path": f"{root}/run.log"}, "limit"),
-        ("Read", {"file_path": f"{root}/runs/0001-abc/run.log", "limit": 2000}, "limit"),
-        ("Read", {"file_path": os.path.expanduser("~/.ssh/id_rsa")}, "Secrets"),
-        ("Glob", {"pattern": "**/*.py"}, None),
-    ]
-
-
-def test_guard_file_tools(project):
-    failures = []
-    for tool, tool_input, expected in file_cases(project):
-        reason = guard(tool, tool_input, project)
-        if (expected is None) != (reason is None) or (expected and expected not in reason):
-            failures.append((tool, tool_input, expected, reason))
-    assert not failures
-
-
-def test_guard_table_is_large_enough(project):
-    assert len(BASH_CASES) + len(file_cases(project)) >= 40
-
-
-def test_guard_maintainer_switch_allows_everything(project):
-    payload = {"tool_name": "Bash", "tool_input": {"command": "git push"}, "cwd": str(project)}
-    assert run_hook("guard_tool_use.py", payload, project, env={"AUTORESEARCH_MAINTAINER": "1"}) is None
-
-
-def test_guard_ignores_malformed_input(project):
-    result = subprocess.run([sys.executable, str(HOOKS / "guard_tool_use.py")], input="not json",
-                            capture_output=True, text=True, env=dict(os.environ, CLAUDE_PROJECT_DIR=str(project)))
-    assert result.returncode == 0 and result.stdout == ""
+# The tables of allowed and refused tool calls are in test_guard_table.py.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +257,7 @@ def test_baseline_needs_no_reasoning(project):
 def test_experiment_needs_a_reasoning_block_first(project):
     start_session(project, [ROW_KEEP])
     assert "REASONING" in guard("Bash", {"command": RUN}, project)
-    assert "REASONING" in guard("Bash", {"command": f"git status && {RUN}"}, project)
+    assert "on its own" in guard("Bash", {"command": f"git status && {RUN}"}, project)
     (project / "notes.md").write_text(NOTES + REASONING)
     assert guard("Bash", {"command": RUN}, project) is None
     (project / "notes.md").write_text(NOTES + REASONING + ANALYSIS)  # the last one was analysed already

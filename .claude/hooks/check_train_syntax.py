@@ -24,7 +24,7 @@ def main():
         payload = json.load(sys.stdin)
     except ValueError:
         return 0
-    root = project_root(payload)
+    root = project_root()
     tool_input = payload.get("tool_input") or {}
     path = tool_input.get("file_path") or tool_input.get("notebook_path") or ""
     train = os.path.join(root, "train.py")

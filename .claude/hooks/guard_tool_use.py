@@ -3,38 +3,38 @@
 
 Why a hook: an unattended agent breaks prose rules (it edits the referee, cats a 2 MB log into its
 context, pushes, installs packages), and in `claude -p` runs of an untrusted workspace the
-permission allow/deny lists of .claude/settings.json may not apply, while hooks always run. So the
-rules live here, and every block names the command to use instead.
+permission lists of .claude/settings.json may not apply, while hooks always run. Codex and the
+OpenCode plugin call this same file with the same payload. Every refusal names what to use instead.
 
-Blocked:
-- Edit/Write/MultiEdit/NotebookEdit of anything but train.py and the memory files (notes.md,
-  REPORT.md, .claude/context/memory/*.md); the same for shell writes (`>`, tee, sed -i, cp, mv, rm)
-  into the project.
-- Reading whole logs: cat/less/more of a *.log, head/tail of more than 50 lines or following it,
-  a Read of a log without a limit of at most 50 lines.
-- git push, git add of the ledger or logs, raw git commit/reset/checkout/rebase/merge/clean (the
-  helpers commit, reset and rewind), running train.py directly (experiment.py does it).
-- Skipping the memory protocol during a session: `experiment.py` unless the newest Experiment Log
-  block in notes.md is a REASONING block, `decide.py keep|discard` unless it is an ANALYSIS block
-  (the baseline is exempt).
-- Installing packages (pip, uv add/pip/remove, uv run --with, uvx, conda, apt, npm ...), unless
-  AUTORESEARCH_ALLOW_INSTALL=1 (set by `scripts/loop.py --allow-install`, which records what was installed).
-- Network access (curl, wget, ssh, git fetch/pull/clone ...) and reading secrets (~/.ssh ...).
-Compound commands (&&, ||, ;, |, &, newlines, ( ), $( ), backticks, bash -c '...', eval, heredocs
-fed to a shell) are split and each part is checked.
+Why an allowlist that fails closed: a denylist of shell tricks is never complete (an interpreter,
+an alias, a substitution, a symlink always remains). So Bash may run only
+- the helpers, `uv run scripts/{setup,experiment,decide,status,plot,memory}.py`, with the flags
+  program.md documents (flags that lower a protection, such as `decide.py --force` or
+  `setup.py --no-referee`, are the human's), and `uv run prepare.py` to prepare data;
+- read-only git: status, log, diff, show, branch --list (plus restoring train.py from git);
+- a short list of read-only commands (ls, cat, head, tail, wc, grep, rg, sort, cut, find ...),
+  within limits: no whole logs, no evaluation data, no secrets, no held-out scores;
+joined by &&, ||, ; or |, with output redirected only to /dev/null or the memory files. Words
+are split by the standard library's shlex; anything it cannot make simple ($(...), backticks,
+variables, subshells, heredocs, environment prefixes) is refused, and so is any error here.
+Edit, Write, MultiEdit, NotebookEdit and Codex's apply_patch may change only train.py and the
+memory files (notes.md, REPORT.md, .claude/context/memory/*.md); Read, Grep and Glob may not
+read evaluation data, held-out scores, secrets or whole logs. The memory protocol is checked too:
+`experiment.py` needs a newest Experiment Log block of kind REASONING, `decide.py keep|discard`
+one of kind ANALYSIS (the baseline is exempt).
 
-.claude/settings.json backs this up: Bash and Read rules in `deny`, but Edit rules for protected
-files in `ask`, because Claude Code checks an Edit-path deny rule before any hook runs and answers
-with a generic message, while an ask rule comes after the hook (so this reason reaches the agent)
-and, unattended, nobody is there to grant it.
-
-Input: the PreToolUse JSON on stdin. Output: nothing (allowed) or a JSON "deny" decision with a
-one-line reason. A maintainer working on the harness itself (not a research session) starts
-Claude Code with AUTORESEARCH_MAINTAINER=1 to switch the guard off; the agent cannot set that.
+Output: nothing and exit 0 = allowed; a refusal is Claude Code's JSON "deny" decision on stdout
+and the same one-line reason on stderr with exit 2, so clients that read only the exit code block
+too. A maintainer working on the harness (not a research session) starts the client with
+AUTORESEARCH_MAINTAINER=1 to switch the guard off; the agent cannot set its client's environment.
+AUTORESEARCH_ALLOW_INSTALL=1 (set by `scripts/loop.py --allow-install`) allows `uv pip install`.
 
 Usage: python3 .claude/hooks/guard_tool_use.py < payload.json
 """
 
+import fnmatch
+import glob
+import itertools
 import json
 import os
 import re
@@ -42,13 +42,22 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from research_state import StateUnavailable, project_root, read_state  # noqa: E402
+from research_state import StateUnavailable, load_common, newest_log_block, project_root, read_state  # noqa: E402
 
 MAX_LOG_LINES = 50  # enough to see a traceback's end; a full run.log is thousands of lines
+MAX_CAT_BYTES = 200_000  # train.py is ~25 KB; anything larger is read in parts
+MAX_COMMAND_CHARS = 10_000
 
 EDITABLE = ("train.py", "notes.md", "REPORT.md")
 EDITABLE_FOLDER = ".claude/context/memory"
+HELD_OUT_FILES = ("heldout.json",)
+SECRET_PATTERNS = (
+    re.compile(r"(^|/|~)\.ssh(/|$)"), re.compile(r"(^|/|~)\.aws(/|$)"), re.compile(r"(^|/)\.netrc$"),
+    re.compile(r"(^|/)\.git-credentials$"), re.compile(r"(^|/)\.env(\.[\w.-]+)?$"),
+    re.compile(r"(^|/)\.config/gh(/|$)"), re.compile(r"(^|/|~)\.gnupg(/|$)"),
+)
 
+HELPERS = "`uv run scripts/status.py`, `experiment.py`, `decide.py`, `memory.py search`"
 REASON_LOG = (
     "Do not read whole logs into your context: use `uv run scripts/status.py`, "
     "`grep '^val_bpb:' run.log`, or `tail -n 50 run.log` (at most 50 lines)."
@@ -68,9 +77,17 @@ REASON_RESET = (
     "`uv run scripts/decide.py backtrack [COMMIT]` rewinds further and records it."
 )
 REASON_CLEAN = "git clean would delete the untracked ledger, logs and notes; no experiment needs it."
+REASON_GIT = (
+    "Only read-only git runs here (git status, log, diff, show, branch --list, or `git checkout -- train.py`), "
+    "with no -c, -C, aliases, --output, --ext-diff or --no-index: the helpers commit, reset and rewind."
+)
 REASON_TRAIN = (
     'Run experiments through the helper: `uv run scripts/experiment.py "DESCRIPTION"` '
     "(it commits train.py, enforces the time limit, logs to a file and compares with the best)."
+)
+REASON_CODE = (
+    "Do not run code outside the experiment (interpreters, shells, eval): put the idea into train.py "
+    'and run `uv run scripts/experiment.py "DESCRIPTION"`; a hook already checks that train.py parses.'
 )
 REASON_INSTALL = (
     "No new packages: experiments use exactly what pyproject.toml pins; "
@@ -81,6 +98,14 @@ REASON_NETWORK = (
     "is local (`uv run scripts/status.py` for where things stand)."
 )
 REASON_SECRET = "Secrets (~/.ssh, ~/.aws, .env, credentials) are off limits to the research agent."
+REASON_HELD_OUT = (
+    "The held-out test split is for the human's morning check, never for decisions: "
+    "judge by val_bpb with `uv run scripts/status.py`."
+)
+REASON_EVAL = (
+    "The evaluation data (the cache's prepared/eval, *_rows.npy, val/test tokens) is the referee's alone: "
+    "train on the train split and judge by `uv run scripts/status.py`."
+)
 REASON_NEED_REASONING = (
     "Write this experiment's REASONING block in notes.md first (### REASONING: NAME, with "
     "hypothesis, evidence, risk, under ## Experiment Log), then run `uv run scripts/experiment.py \"DESCRIPTION\"`."
@@ -90,56 +115,117 @@ REASON_NEED_ANALYSIS = (
     "lesson), then run `uv run scripts/decide.py keep|discard`."
 )
 REASON_UNPARSED = "Could not parse this shell command (unbalanced quotes?): split it into simpler commands."
+REASON_EXPANSION = (
+    "No substitutions, variables, backticks or brace expansion ($(...), `...`, $VAR, {a,b}): "
+    "write the command out literally, e.g. `grep '^val_bpb:' run.log`."
+)
+REASON_COMPLEX = (
+    "Only simple commands joined by &&, ||, ; or | run here (no subshells, background jobs, heredocs, "
+    "process substitution): split it into separate calls, and change files with the Edit tool."
+)
+REASON_ENV = (
+    "Environment prefixes (NAME=value command) are the human's: run the command as program.md shows it, "
+    'e.g. `uv run scripts/experiment.py "DESCRIPTION"`.'
+)
+REASON_CD = "Stay in the project root: run the command without `cd` (give paths relative to the project)."
+REASON_REDIRECT = (
+    "Output may go only to /dev/null or a memory file (notes.md, .claude/context/memory/*.md): change "
+    "files with the Edit tool; the helpers write logs and the ledger."
+)
+REASON_LONG = "This command is too long to check: split it into simpler calls."
+REASON_CRASH = "The guard could not check this call ({error}) and refuses what it cannot check: use a simpler call."
+REASON_FOLLOW = "tail -f / --follow never returns: use `tail -n 50 run.log` once, or `uv run scripts/status.py`."
 
-PACKAGE_MANAGERS = {
-    "pip": {"install", "download", "uninstall"},
-    "pip3": {"install", "download", "uninstall"},
-    "uv": {"add", "remove", "pip", "tool"},
-    "conda": {"install", "create", "update"},
-    "mamba": {"install", "create", "update"},
-    "apt": {"install"},
-    "apt-get": {"install"},
-    "npm": {"install", "i", "add", "ci"},
-    "yarn": {"add", "install"},
-    "pnpm": {"add", "install", "i"},
-    "poetry": {"add", "install"},
-    "cargo": {"install", "add"},
+# The flags of each helper that the agent may pass (name -> takes a value), from program.md and the skills.
+HELPER_FLAGS = {
+    "setup.py": {"--tag": True, "--deadline": True, "--max-experiments": True, "--noise-runs": True,
+                 "--measure-noise": False},
+    "experiment.py": {"--confirm": False},
+    "decide.py": {"--reason": True},
+    "status.py": {"--json": False},
+    "plot.py": {},
+    "memory.py": {"--limit": True},
+    "prepare.py": {"--dataset": True, "--num-shards": True, "--profile": True, "--workers": True,
+                   "--retries": True, "--backoff": True},
 }
-INSTALLERS = {"uvx", "pipx", "easy_install", "brew"}
-NETWORK_TOOLS = {
-    "curl", "wget", "aria2c", "http", "https", "httpie", "xh", "ssh", "scp", "sftp", "ftp",
-    "rsync", "nc", "ncat", "netcat", "telnet", "socat", "gh", "huggingface-cli", "hf",
+# Flags that lower a protection: the human passes them, the agent never does.
+HUMAN_FLAGS = {
+    "--force": "decide.py refuses to keep a result that is worse than the best, unverified or invalid: "
+               "`uv run scripts/decide.py discard` it",
+    "--no-referee": "every result is re-scored by the referee",
+    "--no-sandbox": "training always runs in the sandbox",
+    "--train-command": "experiment.py always trains train.py",
+    "--timeout": "experiment.py enforces the protocol's time limit itself",
+    "--seed": "experiment.py picks the seeds (a seed chosen until one wins is luck, not a result)",
+    "--output": "plot.py writes progress.png where the report expects it",
+    "--time-budget": "the protocol's budget is fixed by the profile",
+    "--eval-tokens": "the protocol's evaluation size is fixed by the profile",
+    "--base-url": "the data comes from the configured source",
 }
-GIT_NETWORK = {"push", "fetch", "pull", "clone", "ls-remote", "remote", "submodule"}
-GIT_HISTORY = {"commit": REASON_COMMIT, "reset": REASON_RESET, "rebase": REASON_RESET,
-               "merge": REASON_RESET, "cherry-pick": REASON_RESET, "revert": REASON_RESET,
-               "clean": REASON_CLEAN, "filter-branch": REASON_RESET, "update-ref": REASON_RESET}
+PACKAGE_MANAGERS = re.compile(r"^(pip|pip3|pip3\.\d+|pipx|uvx|conda|mamba|micromamba|apt|apt-get|dpkg|npm|npx|yarn|"
+                              r"pnpm|poetry|cargo|gem|brew|easy_install)$")
+INTERPRETERS = re.compile(r"^(python|python3|python3\.\d+|pypy3?|perl|ruby|node|nodejs|deno|bun|lua|php|Rscript|"
+                          r"julia|tclsh|awk|gawk|mawk|bash|sh|zsh|dash|ksh|fish|eval|exec|source|\.|env|xargs|"
+                          r"timeout|nohup|nice|ionice|stdbuf|sudo|doas|time|command|builtin|torchrun|accelerate|"
+                          r"jupyter|ipython|make|man|watch|script|parallel)$")
+NETWORK_TOOLS = {"curl", "wget", "aria2c", "http", "https", "httpie", "xh", "ssh", "scp", "sftp", "ftp", "rsync",
+                 "nc", "ncat", "netcat", "telnet", "socat", "gh", "huggingface-cli", "hf"}
+FILE_WRITERS = {"cp", "mv", "rm", "ln", "truncate", "install", "touch", "chmod", "chown", "rmdir", "unlink", "shred",
+                "tee", "dd", "sed", "mkdir", "patch", "split", "tar", "unzip", "zip", "gzip", "gunzip"}
+STANDALONE = {"setup.py", "experiment.py", "decide.py", "prepare.py"}  # in .claude/settings.json excludedCommands
+PROTECTED_NAMES = {"STOP", "runs", "results.tsv", "run.log", "prepare.py", "scripts", ".claude", "skills", "program.md"}
+EDITORS = {"vim", "vi", "nano", "emacs", "ed", "ex", "less", "more", "view", "pico", "joe", "micro"}
+GIT_NETWORK = {"fetch", "pull", "clone", "ls-remote", "remote", "submodule", "request-pull", "send-email", "daemon"}
+GIT_HISTORY = {"commit": REASON_COMMIT, "reset": REASON_RESET, "rebase": REASON_RESET, "merge": REASON_RESET,
+               "cherry-pick": REASON_RESET, "revert": REASON_RESET, "clean": REASON_CLEAN, "switch": REASON_RESET,
+               "filter-branch": REASON_RESET, "update-ref": REASON_RESET, "stash": REASON_RESET, "am": REASON_RESET,
+               "apply": REASON_RESET, "tag": REASON_RESET, "worktree": REASON_RESET, "config": REASON_GIT}
 GIT_NEVER_ADD = ("results.tsv", "run.log", "runs", "notes.md", ".claude/context/memory")
-WHOLE_FILE_READERS = {
-    "cat", "less", "more", "bat", "batcat", "tac", "nl", "view", "vim", "vi", "nano", "emacs", "strings", "zcat", "xxd", "od",
+GIT_READ = {"status", "log", "diff", "show", "branch"}
+GIT_UNSAFE_OPTIONS = ("--output", "--ext-diff", "--textconv", "--no-index", "--open-files-in-pager", "--exec-path",
+                      "--upload-pack", "--receive-pack", "--config-env", "--git-dir", "--work-tree")
+GIT_BRANCH_LIST = {"--list", "-l", "-a", "--all", "-r", "--remotes", "-v", "-vv", "--verbose", "--show-current",
+                   "--no-color", "--color", "--merged", "--no-merged", "--contains", "--sort"}
+# Read-only commands: program -> (flags without a value, flags with a value). Operands are files,
+# except where a rule below says otherwise.
+READERS = {
+    "cat": ("-n -b -s -A -v -E -T -e -t --number", ""),
+    "head": ("-q -v --quiet --verbose", "-n -c --lines --bytes"),
+    "tail": ("-q -v --quiet --verbose", "-n -c --lines --bytes"),
+    "wc": ("-l -c -w -m -L --lines --bytes --words --chars", ""),
+    "grep": ("-E -F -G -P -i -y -v -w -x -c -l -L -n -h -H -o -q -s -r -R -a -I -z -Z -b --color --colour "
+             "--count --ignore-case --invert-match --word-regexp --line-number --recursive --no-filename "
+             "--with-filename --only-matching --quiet --silent --fixed-strings --extended-regexp "
+             "--files-with-matches --files-without-match --binary-files=without-match",
+             "-e -f -m -A -B -C --regexp --max-count --include --exclude --exclude-dir --context "
+             "--after-context --before-context --color --colour"),
+    "rg": ("-i -S -s -w -x -v -n -N -l -c -o -F -u -uu --hidden --no-ignore --files --count --ignore-case "
+           "--smart-case --case-sensitive --word-regexp --line-number --no-line-number --files-with-matches "
+           "--only-matching --fixed-strings --invert-match --no-heading --heading --color",
+           "-e -g -t -T -m -A -B -C --glob --type --type-not --max-count --context --after-context "
+           "--before-context --regexp --color --max-depth"),
+    "sort": ("-n -r -u -g -h -V -s -f -b -M --numeric-sort --reverse --unique --general-numeric-sort "
+             "--human-numeric-sort --version-sort --stable --ignore-case", "-k -t --key --field-separator"),
+    "uniq": ("-c -d -u -i --count --repeated --unique --ignore-case", "-f -s -w"),
+    "cut": ("-s --complement --only-delimited", "-d -f -c -b --delimiter --fields --characters --bytes"),
+    "ls": ("-l -a -A -h -t -r -S -1 -d -R -F -G -i -s --all --human-readable --color", "--color --sort"),
+    "find": ("", ""),  # its own rule: primaries, not flags
+    "sed": ("-n --quiet --silent", ""),  # `sed -n 'N,Mp' FILE` only
+    "echo": ("", ""), "printf": ("", ""), "pwd": ("", ""), "true": ("", ""), "false": ("", ""),
+    "date": ("-u -R -I --utc --iso-8601", ""), "nproc": ("", ""), "uptime": ("", ""), "free": ("-h -m -g", ""),
+    "df": ("-h", ""), "du": ("-s -h -a -c --summarize --human-readable", "-d --max-depth"),
+    "uname": ("-a -m -r -s", ""), "whoami": ("", ""), "which": ("", ""), "sleep": ("", ""),
+    "nvidia-smi": ("-L -q --list-gpus --query", "--query-gpu --format -i --id"),
 }
-SHELLS = {"bash", "sh", "zsh", "dash", "ksh"}
-WRAPPERS = {  # words that run the command after them (shell keywords included: `if git push; then`)
-    "sudo", "time", "nice", "nohup", "command", "exec", "builtin", "stdbuf", "ionice", "xargs", "doas",
-    "then", "do", "else", "elif", "if", "while", "until", "!", "{",
-}
-FILE_MOVERS = {"cp", "mv", "rm", "ln", "truncate", "install", "touch", "chmod", "chown", "rmdir", "unlink", "shred"}
-HELD_OUT_FILES = ("heldout.json", "test_rows.npy", "test_tokens.bin")
-REASON_HELD_OUT = (
-    "The held-out test split is for the human's morning check, never for decisions: "
-    "judge by val_bpb with `uv run scripts/status.py`."
-)
-SECRET_PATTERNS = (
-    re.compile(r"(^|/|~)\.ssh(/|$)"), re.compile(r"(^|/|~)\.aws(/|$)"), re.compile(r"(^|/)\.netrc$"),
-    re.compile(r"(^|/)\.git-credentials$"), re.compile(r"(^|/)\.env(\.[\w.-]+)?$"),
-    re.compile(r"(^|/)\.config/gh(/|$)"), re.compile(r"(^|/|~)\.gnupg(/|$)"),
-)
-OPERATORS = re.compile(r"&&|\|\||;;|\|&|&>>|&>|>>|<<<|<<-|<<|>&|<&|>\||<>|[;&|()<>\n]")
-CONTROL = {"&&", "||", ";;", "|&", ";", "&", "|", "(", ")", "\n"}
-REDIRECTS = {"&>>", "&>", ">>", "<<<", "<<-", "<<", ">&", "<&", ">|", "<>", "<", ">"}
-OUTPUT_REDIRECTS = {"&>>", "&>", ">>", ">|", ">"}
-LOG_BLOCK = re.compile(r"^###\s+(REASONING|ANALYSIS)\b", re.M | re.I)
-HEREDOC = re.compile(r"<<-?\s*(['\"]?)([A-Za-z_][\w.-]*)\1")
+WRAPPERS = {"sudo", "doas", "env", "timeout", "nice", "ionice", "nohup", "stdbuf", "xargs", "time", "command",
+            "builtin", "exec", "parallel", "watch"}
+ANY_TEXT = {"echo", "printf", "which", "sleep"}  # operands are text, not files
+SEPARATORS = {"&&", "||", ";", "|"}
+REDIRECTS = {">", ">>", "<", ">&", "&>", "&>>", ">|"}
+HARMLESS_REDIRECTS = re.compile(r"(?<=\s)(\d?>&\d|\d?>>?\s*/dev/null|&>>?\s*/dev/null)(?=\s|$|[;&|])")
+SAFE_TOOLS = {"TodoWrite", "Skill", "Task", "Agent", "ExitPlanMode", "BashOutput", "KillShell", "KillBash",
+              "SlashCommand", "update_plan", "todowrite", "todoread"}  # no file or process access of their own
+MATCH_ALL = {"", ".", ".*", "^", "$", "^.*", "^.*$", "^"}
 
 
 def install_allowed():
@@ -151,22 +237,34 @@ class Blocked(Exception):
     """Raised with the one-line reason when a tool call breaks a rule."""
 
 
+class Context:
+    """What every rule needs: the project root, the tool's cwd, and the cache's evaluation folder."""
+
+    def __init__(self, root, cwd):
+        self.root, self.cwd = root, cwd
+        common = load_common(root)  # one copy of the cache layout: the helpers' own
+        self.eval_dir = os.path.realpath(str(common.eval_dir()))
+        self.eval_files = tuple(common.EVAL_FILES)
+
+
 # ---------------------------------------------------------------------------------------------
 # Paths
 
 
-def resolve(path, cwd):
-    """`path` as an absolute, normalised path (~ expanded, relative to the tool's cwd)."""
-    path = os.path.expanduser(path)
-    return os.path.normpath(os.path.join(cwd, path))
+def resolve(path, ctx):
+    """`path` as an absolute, normalised, symlink-free path (~ expanded, relative to the tool's cwd)."""
+    return os.path.realpath(os.path.join(ctx.cwd, os.path.expanduser(str(path))))
 
 
-def relative_to_project(path, root):
-    """`path` relative to the project root, or None when it lies outside the project."""
-    real = os.path.realpath(path)
+def relative_to_project(real, root):
+    """`real` relative to the project root, or None when it lies outside the project."""
     if real != root and not real.startswith(root + os.sep):
         return None
     return os.path.relpath(real, root).replace(os.sep, "/")
+
+
+def within(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def is_editable(relative):
@@ -177,383 +275,586 @@ def is_editable(relative):
 
 
 def edit_reason(relative):
-    """Why `relative` (a project path) may not be edited, naming what to do instead."""
+    """Why `relative` (a project path, or an outside path) may not be changed, naming what to do instead."""
     if relative == "STOP":
         return "Only the human ends the session by creating STOP: keep experimenting (see program.md, Never stop)."
     if relative == "prepare.py":
         what = "prepare.py is the fixed protocol (the referee of every result)"
     elif relative in ("results.tsv", "results.tsv.example", "runs", "run.log") or relative.startswith("runs/"):
         what = f"{relative} is written by the helpers (`uv run scripts/decide.py keep|discard`)"
-    elif relative.startswith(("scripts/", ".claude/", "skills/", ".claude-plugin/")) or relative in (
-        "program.md", "CLAUDE.md", "AGENTS.md"
-    ):
+    elif relative.startswith(("scripts/", ".claude/", "skills/", ".claude-plugin/", ".codex/", ".opencode/",
+                              ".agents/", ".git/")) or relative in ("program.md", "CLAUDE.md", "AGENTS.md"):
         what = f"{relative} belongs to the research org, which the human owns"
+    elif relative.startswith("/"):
+        what = f"{relative} lies outside the project"
     else:
         what = f"{relative} is not part of the experiment"
     return f"Only train.py and the memory files (notes.md, .claude/context/memory/*.md, REPORT.md) may be edited: {what}."
 
 
+def check_edit(path, ctx):
+    """Refuse a change of `path` unless it is train.py or a memory file (after following symlinks)."""
+    if not isinstance(path, str) or not path:
+        raise Blocked("This edit names no file: give the file_path of train.py or a memory file.")
+    if is_secret(path):
+        raise Blocked(REASON_SECRET)
+    real = resolve(path, ctx)
+    relative = relative_to_project(real, ctx.root)
+    if relative is None or not is_editable(relative):
+        raise Blocked(edit_reason(relative or real))
+
+
 def is_log(path):
-    return os.path.basename(path).endswith(".log")
-
-
-def is_held_out(path):
-    """The held-out test scores: seeing them would turn the test split into a second val split."""
-    return os.path.basename(path) in HELD_OUT_FILES
+    return os.path.basename(str(path)).endswith(".log")
 
 
 def is_secret(path):
-    path = path.replace(os.sep, "/")
-    return any(pattern.search(path) for pattern in SECRET_PATTERNS)
+    return any(pattern.search(str(path).replace(os.sep, "/")) for pattern in SECRET_PATTERNS)
 
 
-def check_write(path, cwd, root):
-    if path in ("/dev/null", "/dev/stdout", "/dev/stderr") or path.startswith("/dev/fd/"):
-        return
-    relative = relative_to_project(resolve(path, cwd), root)
-    if relative is not None and not is_editable(relative):
-        raise Blocked(edit_reason(relative))
+def check_read(path, ctx, whole=False):
+    """Refuse reading `path` (a file, folder or glob) if it is a secret, held-out scores or evaluation
+    data; with `whole`, also a whole log. Globs are checked as written and as the shell expands them."""
+    path = str(path)
+    candidates = [path]
+    if any(char in path for char in "*?["):
+        candidates += itertools.islice(glob.iglob(os.path.join(ctx.cwd, os.path.expanduser(path))), 1000)
+    for candidate in candidates:
+        real = resolve(candidate, ctx)
+        names = (os.path.basename(candidate), os.path.basename(real))
+        if is_secret(candidate) or is_secret(real):
+            raise Blocked(REASON_SECRET)
+        if any(name in HELD_OUT_FILES for name in names):
+            raise Blocked(REASON_HELD_OUT)
+        if within(real, ctx.eval_dir) or any(name in ctx.eval_files or fnmatch.fnmatch(name, "*_rows.npy")
+                                             for name in names):
+            raise Blocked(REASON_EVAL)
+        if whole and any(name.endswith(".log") for name in names):
+            raise Blocked(REASON_LOG)
+
+
+def check_search_root(path, ctx):
+    """A recursive search (grep -r, rg, find, the Grep and Glob tools) must not cover the eval data."""
+    check_read(path, ctx)
+    if within(ctx.eval_dir, resolve(path, ctx)):
+        raise Blocked(REASON_EVAL)
 
 
 # ---------------------------------------------------------------------------------------------
-# Shell parsing
+# Shell: split with shlex into simple commands, refuse whatever is not simple
 
 
-def split_heredocs(command):
-    """(command without heredoc bodies, [bodies]); the bodies are data unless fed to a shell."""
-    lines = command.split("\n")
-    kept, bodies, index = [], [], 0
-    while index < len(lines):
-        line = lines[index]
-        kept.append(line)
-        index += 1
-        for match in HEREDOC.finditer(line):
-            if line[max(0, match.start() - 1):match.start()] == "<":  # a <<< here-string
-                continue
-            terminator, body = match.group(2), []
-            while index < len(lines) and lines[index].strip() != terminator:
-                body.append(lines[index])
-                index += 1
-            index += 1  # the terminator line
-            bodies.append("\n".join(body))
-    return "\n".join(kept), bodies
-
-
-def tokenize(command):
-    lexer = shlex.shlex(command.replace("`", " ` "), posix=True, punctuation_chars="();<>|&\n")
-    lexer.whitespace = " \t\r"
-    lexer.whitespace_split = True
-    lexer.commenters = ""
-    try:
-        raw = list(lexer)
-    except ValueError as error:
-        raise Blocked(REASON_UNPARSED) from error
-    tokens = []
-    for token in raw:  # shlex glues neighbouring operators (");" or ">&"): split them apart
-        if token and set(token) <= set("();<>|&\n"):
-            tokens.extend(OPERATORS.findall(token))
+def unquoted(command, double=True):
+    """The characters of `command` that the shell sees outside single quotes (with `double`, double-quoted
+    ones too, since $ and backticks expand there), with escaped characters left out."""
+    seen, quote, escaped = [], None, False
+    for char in command:
+        if escaped:
+            escaped = False
+        elif quote == "'":
+            quote = None if char == "'" else quote
+        elif char == "\\":
+            escaped = True
+        elif quote == '"':
+            quote = None if char == '"' else quote
+            seen.append(char if double else "")
+        elif char in "'\"":
+            quote = char
         else:
-            tokens.append(token)
-    return tokens
-
-
-def substitutions(word):
-    """The commands inside $( ... ) in one word (quoted words keep them whole)."""
-    found, start = [], word.find("$(")
-    while start != -1:
-        depth, index = 0, start + 1
-        while index < len(word):
-            depth += {"(": 1, ")": -1}.get(word[index], 0)
-            if depth == 0:
-                break
-            index += 1
-        found.append(word[start + 2:index])
-        start = word.find("$(", index)
-    return found
+            seen.append(char)
+    return "".join(seen)
 
 
 def simple_commands(command):
-    """Yield (argv, output redirect targets, fed_heredoc) for every simple command in `command`."""
-    command, bodies = split_heredocs(command)
-    segment, outputs, heredoc = [], [], False
-    tokens = tokenize(command)
-    index = 0
+    """[(argv, [(operator, target)])] for the simple commands of `command`, or Blocked."""
+    if len(command) > MAX_COMMAND_CHARS:
+        raise Blocked(REASON_LONG)
+    command = command.replace("$'\\t'", "'\t'")  # sort -t$'\t', as the research-report skill shows
+    bare = unquoted(command)
+    if any(char in bare for char in "$`"):
+        raise Blocked(REASON_EXPANSION)
+    if "{" in bare or "}" in bare:
+        raise Blocked(REASON_EXPANSION)
+    command = HARMLESS_REDIRECTS.sub(" ", " " + command)
+    lexer = shlex.shlex(command, posix=True, punctuation_chars="();<>|&\n")
+    lexer.whitespace, lexer.whitespace_split, lexer.commenters = " \t\r", True, ""
+    try:
+        tokens = list(lexer)
+    except ValueError as error:
+        raise Blocked(REASON_UNPARSED) from error
+    commands, argv, redirects, index = [], [], [], 0
     while index < len(tokens):
         token = tokens[index]
-        if token in CONTROL or token == "`":
-            if segment or outputs:
-                yield segment, outputs, heredoc
-            segment, outputs, heredoc = [], [], False
+        if token in SEPARATORS or (token and set(token) <= set(";\n")):
+            if not argv:
+                raise Blocked(REASON_COMPLEX)
+            commands.append((argv, redirects))
+            argv, redirects = [], []
         elif token in REDIRECTS:
-            target = tokens[index + 1] if index + 1 < len(tokens) else ""
-            if segment and segment[-1].isdigit():
-                segment.pop()  # the fd number of `2>`
-            if token in OUTPUT_REDIRECTS or (token == ">&" and not target.isdigit() and target != "-"):
-                outputs.append(target)
-            heredoc = heredoc or token in ("<<", "<<-")
+            if index + 1 >= len(tokens) or tokens[index + 1] in REDIRECTS | SEPARATORS:
+                raise Blocked(REASON_COMPLEX)
+            if argv and argv[-1] in ("0", "1", "2"):
+                argv.pop()  # the fd number of `2>`
+            redirects.append((token, tokens[index + 1]))
             index += 1
+        elif token and set(token) <= set("();<>|&\n"):
+            raise Blocked(REASON_COMPLEX)
         else:
-            segment.append(token)
-            for inner in substitutions(token):
-                yield from simple_commands(inner)
+            argv.append(token)
         index += 1
-    if segment or outputs:
-        yield segment, outputs, heredoc
-    for body in bodies:
-        yield ["<heredoc>", body], [], False
+    if argv:
+        commands.append((argv, redirects))
+    elif redirects or commands:
+        raise Blocked(REASON_COMPLEX)
+    return commands
 
 
-def unwrap(argv):
-    """argv without env assignments and wrappers (sudo, env, timeout, nice, uv run, python -m ...)."""
-    argv = list(argv)
-    while argv:
-        word = argv[0]
-        if re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", word) or word in WRAPPERS:
-            argv.pop(0)
-            while word in ("sudo", "nice", "stdbuf", "ionice", "xargs", "doas") and argv and argv[0].startswith("-"):
-                flag = argv.pop(0)
-                if word in ("nice", "sudo") and flag in ("-n", "-u", "-g") and argv:
-                    argv.pop(0)
-        elif word == "env":
-            argv.pop(0)
-            while argv and (argv[0].startswith("-") or "=" in argv[0]):
-                argv.pop(0)
-        elif word == "timeout":
-            argv.pop(0)
-            while argv and argv[0].startswith("-"):
-                argv.pop(0)
-            if argv:
-                argv.pop(0)  # the duration
-        elif word == "uv" and len(argv) > 1 and argv[1] == "run":
-            if ("--with" in argv or any(arg.startswith("--with=") or arg == "--with-requirements" for arg in argv)) \
-                    and not install_allowed():
-                raise Blocked(REASON_INSTALL)
-            argv = argv[2:]
-            while argv and argv[0].startswith("-"):
-                flag = argv.pop(0)
-                if flag in ("--python", "-p", "--project", "--directory", "--group", "--extra", "--env-file") and argv:
-                    argv.pop(0)
-        elif re.match(r"^python(3(\.\d+)?)?$", os.path.basename(word)) and len(argv) > 2 and argv[1] == "-m":
-            argv = argv[2:]
-        else:
+def check_redirect(operator, target, ctx):
+    if target in ("/dev/null", "/dev/stdout", "/dev/stderr"):
+        return
+    if operator == "<":
+        check_read(target, ctx, whole=True)
+        return
+    if operator == ">&" and target.isdigit():
+        return
+    real = resolve(target, ctx)
+    relative = relative_to_project(real, ctx.root)
+    if relative is None or not is_editable(relative):
+        raise Blocked(edit_reason(relative) if relative and not is_editable(relative) else REASON_REDIRECT)
+
+
+def parse_options(args, flags, valued):
+    """(options [(name, value)], operands) for a command whose flags are listed in `flags` (no value)
+    and `valued` (one value); an unknown flag raises Blocked."""
+    options, operands, index = [], [], 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            operands += args[index + 1:]
             break
-    return argv
+        if arg.startswith("--"):
+            name, equals, value = arg.partition("=")
+            if name in valued:
+                if not equals:
+                    index += 1
+                    value = args[index] if index < len(args) else None
+                options.append((name, value))
+            elif arg in flags or name in flags:
+                options.append((name, value if equals else None))
+            else:
+                raise Blocked(unknown_flag(name))
+        elif arg.startswith("-") and len(arg) > 1:
+            for position in range(1, len(arg)):
+                name = "-" + arg[position]
+                if name in valued:
+                    value = arg[position + 1:]
+                    if not value:
+                        index += 1
+                        value = args[index] if index < len(args) else None
+                    options.append((name, value))
+                    break
+                if name not in flags:
+                    raise Blocked(unknown_flag(arg))
+                options.append((name, None))
+        else:
+            operands.append(arg)
+        index += 1
+    if any(value is None for name, value in options if name in valued):
+        raise Blocked(REASON_UNPARSED)
+    return options, operands
+
+
+def unknown_flag(flag):
+    for human, why in HUMAN_FLAGS.items():
+        if len(flag) > 3 and human.startswith(flag.split("=")[0]):  # argparse accepts abbreviations
+            return f"`{human}` is the human's, not the agent's ({why})."
+    return f"`{flag}` is not an option this session uses: see program.md for the commands and their flags."
+
+
+def count_value(value):
+    """A head/tail count: (number, from_start) for `N` or `+N`; refuses anything else, however long."""
+    match = re.fullmatch(r"(\+?)(\d{1,9})", str(value))
+    if not match:
+        raise Blocked(f"`{str(value)[:20]}` is not a line count: use `tail -n 50 run.log`.")
+    return int(match.group(2)), bool(match.group(1))
 
 
 # ---------------------------------------------------------------------------------------------
 # Rules for one simple command
 
 
-def line_count(args):
-    """The number of lines head/tail would print, or None when it follows (-f) the file."""
-    count = 10
+def check_simple(argv, ctx):
+    program, args = argv[0], argv[1:]
+    if re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", program):
+        raise Blocked(REASON_ENV)
+    name = os.path.basename(program)
+    if name == "uv":
+        return check_uv(args, ctx)
+    if name == "git" and program == "git":
+        return check_git(args, ctx)
+    if name == "cd":
+        raise Blocked(REASON_CD)
+    if name == "train.py":
+        raise Blocked(REASON_TRAIN)
+    if name in WRAPPERS:
+        check_wrapped(args, ctx)
+    if name in EDITORS:
+        if any(is_log(arg) for arg in args):
+            raise Blocked(REASON_LOG)
+        raise Blocked("Change files with the Edit tool (only train.py and the memory files), read them with Read.")
+    if INTERPRETERS.match(name) or name.startswith("python"):
+        if any(os.path.basename(arg) == "train.py" for arg in args[:3]):
+            raise Blocked(REASON_TRAIN)
+        if any(arg in ("pip", "pip3", "ensurepip") for arg in args[:3]):
+            raise Blocked(REASON_INSTALL)
+        raise Blocked(REASON_CODE)
+    if PACKAGE_MANAGERS.match(name):
+        if install_allowed() and name.startswith("pip") and args[:1] == ["install"]:
+            return None
+        raise Blocked(REASON_INSTALL)
+    if name in NETWORK_TOOLS:
+        raise Blocked(REASON_NETWORK)
+    in_place = any(re.match(r"^(-[a-zA-Z]*i|--in-place)", arg) for arg in args)
+    if name in FILE_WRITERS and (name != "sed" or in_place):
+        for target in args:  # name the protected file it would change, when there is one
+            real = resolve(target.split("=")[-1], ctx)
+            relative = relative_to_project(real, ctx.root)
+            if relative is not None and not is_editable(relative) and (
+                    os.path.lexists(real) or relative.split("/")[0] in PROTECTED_NAMES):
+                raise Blocked(edit_reason(relative))
+        raise Blocked("Change files with the Edit tool (only train.py and the memory files); "
+                      "the helpers write logs, runs/ and the ledger.")
+    if program not in READERS:
+        raise Blocked(f"`{name}` is not among the commands a research session runs: use the helpers "
+                      f"({HELPERS}), read-only git, or the Read and Grep tools.")
+    return check_reader(name, args, ctx)
+
+
+def check_wrapped(args, ctx):
+    """sudo, timeout, env, xargs ... run the command after them: refuse with that command's own reason
+    when it has one, else because wrappers are not needed."""
+    rest = list(args)
+    while rest and (rest[0].startswith("-") or re.fullmatch(r"[\d.]+[smhd]?", rest[0]) or "=" in rest[0]):
+        rest.pop(0)
+    if rest and rest[0] not in WRAPPERS:
+        check_simple(rest, ctx)
+    raise Blocked("Run the command itself, without sudo, env, timeout, xargs, nohup or nice: "
+                  f"the helpers ({HELPERS}) enforce their own limits.")
+
+
+def check_reader(name, args, ctx):
+    if name == "find":
+        return check_find(args, ctx)
+    flags, valued = (set(part.split()) for part in READERS[name])
+    if name in ("head", "tail"):
+        args = ["-n" + arg[1:] if re.fullmatch(r"-\d+", arg) else arg for arg in args]
+        if name == "tail" and any(arg in ("-f", "-F") or arg.startswith("--follow") or
+                                  (re.fullmatch(r"-[a-zA-Z]+", arg) and "f" in arg.lower()) for arg in args):
+            raise Blocked(REASON_FOLLOW)
+    if name in ANY_TEXT:
+        if name == "sleep" and not (len(args) == 1 and re.fullmatch(r"\d{1,3}", args[0])):
+            raise Blocked("sleep takes a number of seconds, at most 999.")
+        return None
+    options, operands = parse_options(args, flags, valued)
+    if name in ("date", "uname", "nproc", "uptime", "free", "whoami", "pwd", "true", "false", "nvidia-smi"):
+        if operands and not (name == "date" and len(operands) == 1 and operands[0].startswith("+")):
+            raise Blocked(f"`{name}` is allowed only to print, without operands.")
+        return None
+    if name == "sed":
+        script = operands[:1]
+        if not options or not script or not re.fullmatch(r"(\d{1,9}|\$)(,(\d{1,9}|\$))?p", script[0]):
+            raise Blocked("sed may only print lines (`sed -n '10,60p' train.py`): change files with the Edit tool.")
+        files = operands[1:]
+        first, _, last = script[0][:-1].partition(",")
+        span = (int(last) - int(first) + 1) if first.isdigit() and last.isdigit() else (1 if not last else 10**9)
+        for path in files:
+            check_read(path, ctx, whole=span > MAX_LOG_LINES)
+        return None
+    if name == "uniq" and len(operands) > 1:
+        raise Blocked("uniq writes its second operand: give it one input file, or none (a pipe).")
+    if name in ("grep", "rg"):
+        return check_grep(name, options, operands, ctx)
+    if name in ("head", "tail"):
+        lines, from_start = 10, False
+        for option, value in options:
+            if option not in valued:
+                continue
+            count, from_start = count_value(value)
+            lines = count // 80 if option in ("-c", "--bytes") else count
+        for path in operands:
+            check_read(path, ctx, whole=(lines > MAX_LOG_LINES or from_start))
+        return None
+    for path in operands:
+        check_read(path, ctx, whole=name in ("cat", "sort", "cut", "uniq"))
+        if name == "cat":
+            real = resolve(path, ctx)
+            if os.path.isfile(real) and os.path.getsize(real) > MAX_CAT_BYTES:
+                raise Blocked(f"{path} is over {MAX_CAT_BYTES // 1000} KB: read it in parts "
+                              "(the Read tool with offset and limit, or `sed -n '1,200p' FILE`).")
+    if name in ("ls", "du"):
+        for path in operands or ["."]:
+            check_search_root(path, ctx) if "-R" in args or name == "du" else check_read(path, ctx)
+    return None
+
+
+def check_grep(name, options, operands, ctx):
+    names = {option for option, _ in options}
+    patterns = [value for option, value in options if option in ("-e", "--regexp")]
+    if not patterns and not names & {"-f", "--files"}:
+        patterns, operands = operands[:1], operands[1:]
+    for option, value in options:
+        if option in ("-f", "--include", "--exclude", "-g", "--glob"):
+            check_read(value, ctx)
+    recursive = name == "rg" or names & {"-r", "-R", "--recursive"}
+    for path in operands or (["."] if recursive else []):
+        check_search_root(path, ctx) if recursive else check_read(path, ctx)
+        if any(pattern in MATCH_ALL for pattern in patterns) and is_log(path) and not names & {"-c", "--count"}:
+            raise Blocked(REASON_LOG)
+    return None
+
+
+FIND_PRIMARIES = {"-name": 1, "-iname": 1, "-path": 1, "-ipath": 1, "-type": 1, "-maxdepth": 1, "-mindepth": 1,
+                  "-mtime": 1, "-mmin": 1, "-newer": 1, "-size": 1, "-print": 0, "-print0": 0, "-empty": 0,
+                  "-not": 0, "!": 0, "-a": 0, "-o": 0, "-and": 0, "-or": 0, "-ls": 0}
+
+
+def check_find(args, ctx):
+    roots = []
+    while args and not args[0].startswith("-") and args[0] != "!":
+        roots.append(args.pop(0))
     index = 0
     while index < len(args):
-        arg = args[index]
-        if arg in ("-f", "-F", "--follow") or arg.startswith("--follow="):
-            return None
-        if arg in ("-n", "--lines", "-c", "--bytes") and index + 1 < len(args):
-            value = args[index + 1]
+        primary = args[index]
+        if primary not in FIND_PRIMARIES:
+            raise Blocked(f"find may only list files (-name, -type, -maxdepth, -newer ...): `{primary}` is not allowed.")
+        if FIND_PRIMARIES[primary]:
             index += 1
-        elif arg.startswith("--lines=") or arg.startswith("--bytes="):
-            value = arg.split("=", 1)[1]
-        elif re.match(r"^-[nc].+", arg):
-            value = arg[2:]
-        elif re.match(r"^-\d+$", arg):
-            value = arg[1:]
-        else:
-            index += 1
-            continue
-        if arg.startswith(("-c", "--bytes")):  # bytes: count them as lines of 80 characters
-            digits = re.sub(r"\D", "", value)
-            count = int(digits) // 80 if digits else 10**9
-        elif value.startswith("+"):
-            count = 10**9  # `tail -n +1` prints from line 1: the whole file
-        else:
-            digits = re.sub(r"\D", "", value)
-            count = int(digits) if digits else 10**9
+            check_read(args[index] if index < len(args) else "", ctx)
         index += 1
-    return count
+    for root in roots or ["."]:
+        check_search_root(root, ctx)
 
 
-def check_git(args, cwd, root):
-    index = 0
-    while index < len(args) and args[index].startswith("-"):  # git -C DIR -c KEY=VALUE ...
-        index += 2 if args[index] in ("-C", "-c", "--git-dir", "--work-tree") else 1
-    if index >= len(args):
-        return
-    sub, rest = args[index], args[index + 1:]
-    if sub == "push":
-        raise Blocked(REASON_PUSH)
-    if sub in GIT_NETWORK:
-        if sub == "remote" and not any(word in rest for word in ("add", "set-url", "update")):
-            return
-        if sub == "submodule" and not any(word in rest for word in ("update", "add")):
-            return
-        raise Blocked(REASON_NETWORK)
-    if sub in GIT_HISTORY:
-        raise Blocked(GIT_HISTORY[sub])
-    if sub == "stash" and any(flag in rest for flag in ("-a", "--all")):
-        raise Blocked(REASON_CLEAN)
-    if sub == "add":
-        for arg in rest:
-            relative = relative_to_project(resolve(arg, cwd), root) if not arg.startswith("-") else None
-            if (relative and relative.startswith(GIT_NEVER_ADD)) or is_log(arg):
-                raise Blocked(REASON_ADD_LEDGER)
-    if sub in ("checkout", "switch"):
-        # `git checkout [REF] -- FILES` and `git checkout FILES` only change files (checked like
-        # any write); switching branches or commits is the helpers' job.
-        if "--" in rest:
-            paths = rest[rest.index("--") + 1:]
-        else:
-            paths = [arg for arg in rest if not arg.startswith("-")]
-            if sub == "switch" or not paths or not all(os.path.exists(resolve(arg, cwd)) for arg in paths):
-                raise Blocked(REASON_RESET)
-        for path in paths:
-            check_write(path, cwd, root)
+def check_uv(args, ctx):
+    if args[:1] != ["run"]:
+        if args[:2] == ["pip", "install"] and install_allowed():
+            return None
+        if args[:1] in (["add"], ["remove"], ["pip"], ["tool"], ["sync"], ["lock"], ["venv"], ["python"]):
+            raise Blocked(REASON_INSTALL)
+        raise Blocked(f"Of uv only `uv run scripts/NAME.py` runs here: use the helpers ({HELPERS}).")
+    rest = args[1:]
+    if not rest or rest[0].startswith("-"):
+        if any(arg.startswith("--with") for arg in rest):
+            raise Blocked(REASON_INSTALL)
+        raise Blocked(f"Run the helpers as `uv run scripts/NAME.py`, with no uv options ({HELPERS}).")
+    script, options = rest[0], rest[1:]
+    name = os.path.basename(script)
+    if name == "train.py":
+        raise Blocked(REASON_TRAIN)
+    where = "prepare.py" if name == "prepare.py" else f"scripts/{name}"
+    if name not in HELPER_FLAGS or resolve(script, ctx) != os.path.join(ctx.root, where):
+        if INTERPRETERS.match(name) or name.startswith("python"):
+            raise Blocked(REASON_CODE)
+        raise Blocked(f"`uv run {script}` is not a helper of this session: use {HELPERS}.")
+    check_helper(name, options, ctx)
 
 
-def newest_log_block(root):
-    """'REASONING', 'ANALYSIS' or None: the kind of the last such block in notes.md."""
-    try:
-        with open(os.path.join(root, "notes.md"), encoding="utf-8") as handle:
-            text = re.sub(r"<!--.*?-->", "", handle.read(), flags=re.S)  # the template's examples
-    except OSError:
-        return None
-    blocks = LOG_BLOCK.findall(text)
-    return blocks[-1].upper() if blocks else None
-
-
-def check_memory_protocol(program, args, root):
-    """REASONING before each experiment, ANALYSIS before each decision (baseline exempt)."""
+def check_helper(name, args, ctx):
+    """The flags and operands of one helper call, and the memory protocol before experiments and decisions."""
     if "-h" in args or "--help" in args:
         return
+    for arg in args:
+        flag = arg.split("=")[0]
+        if name == "status.py" and flag == "--report":
+            raise Blocked(REASON_HELD_OUT)
+        if flag in HUMAN_FLAGS:
+            raise Blocked(f"`{flag}` is the human's, not the agent's ({HUMAN_FLAGS[flag]}).")
+    if name == "prepare.py" and "score" in args:
+        raise Blocked("`prepare.py score` is the referee's: the helpers score every run (`uv run scripts/status.py`).")
+    flags = HELPER_FLAGS[name]
+    _, operands = parse_options(args, {flag for flag, valued in flags.items() if not valued},
+                                {flag for flag, valued in flags.items() if valued})
+    if name == "prepare.py" and operands:
+        raise Blocked("`prepare.py score` and other subcommands are the referee's: the helpers score every run.")
+    if name in ("setup.py", "status.py", "plot.py") and operands:
+        raise Blocked(f"`uv run scripts/{name}` takes no operands: `{operands[0]}`.")
+    if name == "experiment.py" and len(operands) > 1:
+        raise Blocked('Give experiment.py one quoted description: `uv run scripts/experiment.py "DESCRIPTION"`.')
+    if name == "memory.py" and (operands[:1] != ["search"] or len(operands) != 2):
+        raise Blocked('Search the memory with one quoted query: `uv run scripts/memory.py search "QUERY"`.')
+    if name == "decide.py":
+        action = operands[:1]
+        if action not in (["keep"], ["discard"], ["backtrack"]) or len(operands) > (2 if action == ["backtrack"] else 1):
+            raise Blocked("Decide with `uv run scripts/decide.py keep|discard`, or rewind with "
+                          "`uv run scripts/decide.py backtrack [COMMIT]`.")
+    if name in ("experiment.py", "decide.py"):
+        check_memory_protocol(name, args, operands, ctx.root)
+
+
+def check_memory_protocol(name, args, operands, root):
+    """REASONING before each experiment, ANALYSIS before each decision (baseline exempt)."""
     try:
         state = read_state(root)
     except StateUnavailable:
         return  # the helper itself will say what is wrong
     if state is None or not state["rows"]:
         return  # no session, or the baseline: nothing to reason about yet
-    if program == "experiment.py" and "--confirm" in args:
+    if name == "experiment.py" and "--confirm" in args:
         return  # a confirmation re-runs the pending candidate under a new seed: no new hypothesis
-    if program == "experiment.py" and newest_log_block(root) != "REASONING":
+    if name == "experiment.py" and newest_log_block(root) != "REASONING":
         raise Blocked(REASON_NEED_REASONING)
-    if program == "decide.py" and args[:1] in (["keep"], ["discard"]) and state["pending"] \
+    if name == "decide.py" and operands[:1] in (["keep"], ["discard"]) and state["pending"] \
             and newest_log_block(root) != "ANALYSIS":
         raise Blocked(REASON_NEED_ANALYSIS)
 
 
-def check_simple(argv, heredoc, cwd, root, bodies_seen):
-    if argv and argv[0] == "<heredoc>":
-        return
-    argv = unwrap(argv)
-    if not argv:
-        return
-    program, args = os.path.basename(argv[0]), argv[1:]
-    if any(is_secret(arg) for arg in argv):
-        raise Blocked(REASON_SECRET)
-    if any(is_held_out(arg) for arg in argv) or (program == "status.py" and "--report" in args):
-        raise Blocked(REASON_HELD_OUT)
-    if program in SHELLS or program == "eval":
-        if "-c" in args and args.index("-c") + 1 < len(args):
-            check_command(args[args.index("-c") + 1], cwd, root)
-        elif program == "eval":
-            check_command(" ".join(args), cwd, root)
-        elif heredoc or not [arg for arg in args if not arg.startswith("-")]:
-            for body in bodies_seen:  # `bash <<EOF ... EOF` runs its body
-                check_command(body, cwd, root)
-        return
-    if program == "git":
-        check_git(args, cwd, root)
-        return
-    if program in NETWORK_TOOLS:
+def check_git(args, ctx):
+    if re.search(r"\bpush\b", " ".join(args)):  # also `git -c alias.p=push p`
+        raise Blocked(REASON_PUSH)
+    if not args or args[0].startswith("-"):
+        raise Blocked(REASON_GIT)
+    sub, rest = args[0], args[1:]
+    if sub in GIT_NETWORK:
         raise Blocked(REASON_NETWORK)
-    if (program in INSTALLERS or (program in PACKAGE_MANAGERS and args and args[0] in PACKAGE_MANAGERS[program])) \
-            and not install_allowed():
-        raise Blocked(REASON_INSTALL)
-    if program == "train.py" or (re.match(r"^(python(3(\.\d+)?)?|torchrun|accelerate)$", program) and any(
-        os.path.basename(arg) == "train.py" for arg in args[:3]
-    )):
-        raise Blocked(REASON_TRAIN)
-    if program in ("experiment.py", "decide.py") and os.path.basename(os.path.dirname(argv[0]) or "scripts") == "scripts":
-        check_memory_protocol(program, args, root)
-    files = [arg for arg in args if not arg.startswith("-")]
-    if program in WHOLE_FILE_READERS and any(is_log(name) for name in files):
-        raise Blocked(REASON_LOG)
-    if program in ("head", "tail") and any(is_log(name) for name in files):
-        count = line_count(args)
-        if count is None or count > MAX_LOG_LINES:
-            raise Blocked(REASON_LOG)
-    if program == "tee":
-        for name in files:
-            check_write(name, cwd, root)
-    if program in ("sed", "perl") and any(arg.startswith("-i") or re.match(r"^-\w*i", arg) for arg in args):
-        for name in files[1:] if program == "sed" else files:
-            check_write(name, cwd, root)
-    if program in FILE_MOVERS:
-        targets = files[-1:] if program in ("cp", "ln", "install") else files
-        for name in targets:
-            check_write(name, cwd, root)
-    if program == "dd":
-        for arg in args:
-            if arg.startswith("of="):
-                check_write(arg[3:], cwd, root)
+    if sub in GIT_HISTORY:
+        raise Blocked(GIT_HISTORY[sub])
+    if sub == "add":
+        for arg in rest:
+            relative = relative_to_project(resolve(arg, ctx), ctx.root) or ""
+            if relative.startswith(GIT_NEVER_ADD) or is_log(arg):
+                raise Blocked(REASON_ADD_LEDGER)
+        raise Blocked(REASON_COMMIT)
+    if sub in ("checkout", "restore"):
+        return check_git_restore(sub, rest, ctx)
+    if sub not in GIT_READ:
+        raise Blocked(REASON_GIT)
+    for arg in rest:
+        name = arg.split("=")[0]
+        if arg.startswith("-O") or name.startswith("--") and len(name) > 3 and any(  # git accepts abbreviations
+                unsafe.startswith(name) or name.startswith(unsafe) for unsafe in GIT_UNSAFE_OPTIONS):
+            raise Blocked(REASON_GIT)
+    if sub == "branch":
+        listing = "--list" in rest or "-l" in rest
+        for previous, arg in zip([""] + rest, rest):
+            if (arg.split("=")[0] not in GIT_BRANCH_LIST if arg.startswith("-") else
+                    not listing and previous not in ("--contains", "--merged", "--no-merged", "--sort")):
+                raise Blocked("git branch only lists here (`git branch --list`): the helpers create and move branches.")
 
 
-def check_command(command, cwd, root):
-    """Raise Blocked when any simple command inside the shell command `command` breaks a rule."""
-    _, bodies = split_heredocs(command)
-    for argv, outputs, heredoc in simple_commands(command):
-        check_simple(argv, heredoc, cwd, root, bodies)
-        for target in outputs:  # after the program's own rule, whose reason is the more useful one
+def check_git_restore(sub, rest, ctx):
+    """`git checkout [REF] -- train.py` / `git restore train.py` rewrite only train.py: allowed like an edit."""
+    if "--" in rest:
+        before, paths = rest[:rest.index("--")], rest[rest.index("--") + 1:]
+    else:
+        before, paths = [], rest
+    if sub == "restore" or any(arg.startswith("-") for arg in before + paths) or len(before) > 1 or not paths:
+        raise Blocked(REASON_RESET if sub == "checkout" and not paths else
+                      "Restore train.py with `git checkout -- train.py`; other files are not yours to change.")
+    for path in paths:
+        relative = relative_to_project(resolve(path, ctx), ctx.root) or ""
+        if not os.path.exists(resolve(path, ctx)) and relative.split("/")[0] not in PROTECTED_NAMES:
+            raise Blocked(REASON_RESET)  # `git checkout BRANCH` switches branches: the helpers do that
+        check_edit(path, ctx)
+
+
+def check_bash(tool_input, ctx):
+    command = tool_input.get("command")
+    if not isinstance(command, str) or not command.strip():
+        raise Blocked("This Bash call has no command.")
+    if tool_input.get("dangerouslyDisableSandbox"):
+        raise Blocked("Commands run inside the sandbox: call it again without dangerouslyDisableSandbox.")
+    commands = simple_commands(command)
+    for argv, _ in commands:  # helpers that sandbox themselves must run alone, or Claude Code sandboxes them
+        if argv[:2] == ["uv", "run"] and len(argv) > 2 and os.path.basename(argv[2]) in STANDALONE and (
+                len(commands) > 1 or re.search(r"[<>]", unquoted(re.sub(r"\s2>&1\s*$", "", command), double=False))):
+            raise Blocked(f"Run `uv run {argv[2]}` on its own, not in a pipe, chain or redirect: "
+                          "it prints a line or three already.")
+    for argv, _ in commands:  # first what no command may touch, whatever runs it
+        for arg in argv:
+            if is_secret(arg):
+                raise Blocked(REASON_SECRET)
+            if os.path.basename(arg) in HELD_OUT_FILES:
+                raise Blocked(REASON_HELD_OUT)
+    for argv, redirects in commands:
+        check_simple(argv, ctx)
+        for operator, target in redirects:  # after the program's own rule, whose reason is the more useful one
             if is_secret(target):
                 raise Blocked(REASON_SECRET)
-            check_write(target, cwd, root)
+            check_redirect(operator, target, ctx)
 
 
 # ---------------------------------------------------------------------------------------------
 # Tools
 
 
+def patch_files(patch):
+    """The files a Codex apply_patch names: Add, Update, Delete File and Move to lines."""
+    if isinstance(patch, list):
+        patch = "\n".join(str(part) for part in patch)
+    files = re.findall(r"^\*\*\* (?:Add File|Update File|Delete File|Move to): *(.+?)\s*$", str(patch), flags=re.M)
+    if not files:
+        raise Blocked("This patch names no file (*** Update File: train.py): only train.py and the memory files may change.")
+    return files
+
+
 def check_tool(payload, root):
-    tool, tool_input = payload.get("tool_name", ""), payload.get("tool_input") or {}
-    cwd = payload.get("cwd") or root
+    if not isinstance(payload, dict):
+        raise Blocked("The hook input is not a tool call.")
+    tool, tool_input = payload.get("tool_name"), payload.get("tool_input") or {}
+    if not isinstance(tool_input, dict):
+        raise Blocked("The tool input is not an object.")
+    cwd = payload.get("cwd") if isinstance(payload.get("cwd"), str) and os.path.isabs(payload["cwd"]) else root
+    ctx = Context(root, cwd)
     if tool == "Bash":
-        check_command(str(tool_input.get("command", "")), cwd, root)
+        check_bash(tool_input, ctx)
     elif tool in ("Edit", "Write", "MultiEdit", "NotebookEdit"):
-        path = tool_input.get("file_path") or tool_input.get("notebook_path") or ""
-        if is_secret(path):
-            raise Blocked(REASON_SECRET)
-        relative = relative_to_project(resolve(path, cwd), root)
-        if relative is None or not is_editable(relative):
-            raise Blocked(edit_reason(relative or path))
+        check_edit(tool_input.get("file_path") or tool_input.get("notebook_path"), ctx)
+    elif tool == "apply_patch":
+        for path in patch_files(tool_input.get("command") or tool_input.get("patch") or tool_input.get("input")):
+            check_edit(path, ctx)
     elif tool == "Read":
-        path = str(tool_input.get("file_path", ""))
-        if is_secret(path):
-            raise Blocked(REASON_SECRET)
-        if is_held_out(path):
-            raise Blocked(REASON_HELD_OUT)
+        path = tool_input.get("file_path")
+        if not isinstance(path, str) or not path:
+            raise Blocked("This Read names no file.")
+        check_read(path, ctx)
         limit = tool_input.get("limit")
-        if is_log(path) and not (isinstance(limit, int) and 0 < limit <= MAX_LOG_LINES):
+        if is_log(path) and not (type(limit) is int and 0 < limit <= MAX_LOG_LINES):
             raise Blocked(REASON_READ_LOG)
+    elif tool in ("Grep", "Glob", "LS"):
+        pattern, where = str(tool_input.get("pattern") or ""), tool_input.get("path") or ctx.cwd
+        check_search_root(where, ctx)
+        for text in (tool_input.get("glob"), pattern if tool == "Glob" else None):
+            if text:
+                check_read(os.path.join(str(where), str(text)), ctx)
+        wide = tool_input.get("output_mode") == "content" and not (
+            type(tool_input.get("head_limit")) is int and 0 < tool_input["head_limit"] <= MAX_LOG_LINES)
+        if tool == "Grep" and pattern in MATCH_ALL and wide and (is_log(where) or ".log" in str(tool_input.get("glob"))):
+            raise Blocked(REASON_READ_LOG)
+    elif tool in ("WebFetch", "WebSearch"):
+        raise Blocked(REASON_NETWORK)
+    elif tool not in SAFE_TOOLS:
+        raise Blocked(f"The guard does not know the tool {str(tool)[:60]!r}, so it refuses it: use Bash, Read, "
+                      "Grep, Glob, Edit or Write.")
 
 
 def main():
     if os.environ.get("AUTORESEARCH_MAINTAINER") == "1":
         return 0
     try:
-        payload = json.load(sys.stdin)
-    except ValueError:
-        return 0  # not a payload we understand: never block on our own bug
-    try:
-        check_tool(payload, project_root(payload))
+        check_tool(json.loads(sys.stdin.read()), project_root())
+        return 0
     except Blocked as blocked:
-        json.dump({"hookSpecificOutput": {
-            "hookEventName": "PreToolUse",
-            "permissionDecision": "deny",
-            "permissionDecisionReason": str(blocked),
-        }}, sys.stdout)
-    return 0
+        reason = str(blocked)
+    except Exception as error:  # noqa: BLE001 - a bug here must refuse, never allow
+        reason = REASON_CRASH.format(error=f"{type(error).__name__}: {str(error)[:120]}")
+    reason = " ".join(reason.split())  # one line
+    json.dump({"hookSpecificOutput": {
+        "hookEventName": "PreToolUse",
+        "permissionDecision": "deny",
+        "permissionDecisionReason": reason,
+    }}, sys.stdout)
+    print(reason, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Read-only view of a research session's state, shared by the hooks in this folder.
 
 The session, pending experiment and ledger are read through the project's own scripts/common.py,
-the one module that writes them (DESIGN.md: one source of truth per format), so a hook can never
+the one module that writes them (one source of truth per format), so a hook can never
 disagree with the helpers about the best result, a deadline or a pending decision. This module
 adds what only the hooks need: the project root and the sections of notes.md. Standard library
 only, no subprocesses: a hook runs on every stop and session start and must cost milliseconds.
@@ -15,18 +15,19 @@ import json
 import os
 import re
 
+HOOKS_DIR = os.path.dirname(os.path.abspath(__file__))
+LOG_BLOCK = re.compile(r"^###\s+(REASONING|ANALYSIS)\b", re.M | re.I)
+
 
 class StateUnavailable(Exception):
     """scripts/common.py is missing or the session files are unreadable: hooks then stay out of the way."""
 
 
-def project_root(payload=None):
-    """The project root: $CLAUDE_PROJECT_DIR, else the payload's cwd, else two folders up."""
-    root = os.environ.get("CLAUDE_PROJECT_DIR")
-    if not root and payload:
-        root = payload.get("cwd")
-    if not root:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def project_root():
+    """The project root: $CLAUDE_PROJECT_DIR (Claude Code sets it), else the folder this hook lives in,
+    two levels up. Never the payload's cwd: Codex and OpenCode do not set CLAUDE_PROJECT_DIR, and an
+    agent that ran `cd /tmp` must not move the project with it."""
+    root = os.environ.get("CLAUDE_PROJECT_DIR") or os.path.dirname(os.path.dirname(HOOKS_DIR))
     return os.path.realpath(root)
 
 
@@ -76,14 +77,24 @@ def read_state(root):
         raise StateUnavailable(str(error)) from error
 
 
-def read_notes_sections(root):
-    """notes.md split into {heading text: body}, for its `## ` sections; {} when missing."""
+def read_notes(root):
+    """notes.md without its HTML comments (the template's guidance and examples), or "" when missing."""
     try:
         with open(os.path.join(root, "notes.md"), encoding="utf-8") as handle:
-            text = handle.read()
+            return re.sub(r"<!--.*?-->", "", handle.read(), flags=re.S)
     except OSError:
-        return {}
-    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)  # template guidance is not content
+        return ""
+
+
+def newest_log_block(root):
+    """'REASONING', 'ANALYSIS' or None: the kind of the last Experiment Log block in notes.md."""
+    blocks = LOG_BLOCK.findall(read_notes(root))
+    return blocks[-1].upper() if blocks else None
+
+
+def read_notes_sections(root):
+    """notes.md split into {heading text: body}, for its `## ` sections; {} when missing."""
+    text = read_notes(root)
     sections = {}
     for match in re.finditer(r"^## +(.+?)\s*$\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S):
         sections[match.group(1).strip()] = match.group(2).strip()
