@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop_repo import BOWL, description  # noqa: E402
 from scripted_openai import ScriptedOpenAI, all_text, text, tool_outputs, tool_use  # noqa: E402
-from test_claude_cli import start_session, workspace  # noqa: E402, F401  (pytest fixture)
+from test_claude_cli import FAKE_TRAINING, start_session, workspace  # noqa: E402, F401  (pytest fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 CODEX = REPO / "node_modules" / ".bin" / "codex"
@@ -149,6 +149,31 @@ def test_the_rules_are_refused_by_machine_and_train_py_is_not(codex, project, tm
     assert "Process exited with code 0" in status and "clitest" in status, status
     assert not [path for path in ("STOP", "runs", "results.tsv") if (root / path).is_file()
                 and (root / path).stat().st_size == 0]  # no empty files left where carve-outs point
+
+
+def test_the_agent_trains_through_the_helpers_from_inside_codex(codex, project, tmp_path):
+    """Training from inside Codex: the helpers, run as plain commands, leave Codex's sandbox (they
+    commit, write the ledger, use the uv cache); the same command behind a pipe would stay inside
+    it, where it cannot run: it is refused with the form to use."""
+    root, env, config = project
+    start_session(root, env)
+    (tmp_path / "fake_training.py").write_text(FAKE_TRAINING)
+    env = dict(env, AUTORESEARCH_TRAIN_COMMAND=f"{sys.executable} {tmp_path / 'fake_training.py'}")
+    script = [
+        shell('uv run scripts/experiment.py "baseline" | tail -n 5'),
+        shell('uv run scripts/experiment.py "baseline"'),
+        shell("uv run scripts/decide.py keep"),
+        text("Baseline recorded."),
+    ]
+    result, model, seconds = run_codex(codex, root, env, config, script, "--dangerously-bypass-hook-trust")
+    assert result.returncode == 0, result.stderr
+    assert seconds < 60
+    piped, experiment, decision = [" ".join(tool_outputs(request)) for request in model.agent_requests[1:]]
+    # the guard refuses the pipe; were it not there, uv would fail inside the sandbox on its cache
+    assert "blocked by PreToolUse hook" in piped or "Read-only file system" in piped, piped
+    assert "Process exited with code 0" in experiment and "0.99" in experiment, experiment
+    assert "Process exited with code 0" in decision, decision
+    assert "\tkeep\tbaseline" in (root / "results.tsv").read_text()
 
 
 def test_the_loop_drives_the_real_codex_cli(codex, project):
