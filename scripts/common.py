@@ -200,7 +200,7 @@ def parse_iso(text):
 def read_tail(path, max_bytes=1 << 20):
     """The last `max_bytes` of a file as text: enough for the summary block or a traceback,
     cheap even when training printed 50 MB."""
-    with open(path, "rb") as f:
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:  # a log the helper wrote, not a link
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - max_bytes))
         return f.read().decode("utf-8", errors="replace")
@@ -269,7 +269,11 @@ def read_ledger(path=LEDGER_FILE):
 def _locked_append(path, text, header):
     """Append `text` with one write under an exclusive lock, then fsync; writes `header` first
     when the file is empty. Two processes appending at once give whole lines, never interleaved."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        raise Refusal(f"{path} is a symbolic link or not writable ({error.strerror}): the ledger is written "
+                      "by the helpers only; move it aside") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         if os.fstat(fd).st_size == 0:

@@ -278,8 +278,8 @@ def main():
           f"dataset {session['dataset']}, budget {session['time_budget']} s{moved}; "
           'next: uv run scripts/experiment.py "baseline"')
     if session["sandbox_problem"]:  # said once, here; experiments then run without it
-        print(f"sandbox unavailable ({session['sandbox_problem']}): training will run with network access "
-              "and a writable repository")
+        print(f"sandbox unavailable ({session['sandbox_problem']}): training will run with network access, "
+              "a writable repository and the evaluation data in reach; results will not be verified")
     if args.noise_runs:
         finished, problem = measure_noise(session, start_commit, args.noise_runs)
         if problem:
