@@ -766,8 +766,11 @@ def shared_paths():
 
 def python_paths():
     """What running Python needs: the interpreter's installation and the venv."""
-    paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix)}
+    paths = {Path(sys.base_prefix), Path(sys.base_prefix).resolve(), Path(sys.prefix)}
     paths.add(Path(os.path.realpath(sys.executable)).parent.parent)
+    # libraries found through LD_LIBRARY_PATH (a container's CUDA driver libraries, say)
+    paths.update(Path(part) for part in os.environ.get("LD_LIBRARY_PATH", "").split(":")
+                 if part and os.path.isabs(part) and os.path.isdir(part))
     return paths
 
 
@@ -818,7 +821,8 @@ def training_sandbox(command, out_dir, hide_eval=True):
     outside the repository (its first two words) are made visible read-only with their folders;
     its other arguments are not."""
     prepared = prepared_dir()
-    readable = [ROOT] + ([prepared.resolve()] if prepared.is_dir() else [])
+    # the cache at the path training knows it by (bwrap follows a link in a source, not in a target)
+    readable = [ROOT] + ([prepared.absolute()] if prepared.is_dir() else [])
     for part in command[:2]:
         if os.path.isabs(part) and os.path.isfile(part):
             path = Path(part).resolve()
@@ -826,7 +830,7 @@ def training_sandbox(command, out_dir, hide_eval=True):
                 readable.append(path.parent)
     hidden = [RUNS_DIR]
     if hide_eval and eval_dir().is_dir():
-        hidden.append(eval_dir().resolve())
+        hidden.append(eval_dir().absolute())
     return bwrap_command(command, readable=readable, writable=[Path(out_dir).resolve()], hidden=hidden)
 
 
@@ -835,7 +839,7 @@ def referee_sandbox(command, folder, run_dir):
     folder (the copy of prepare.py) and the run's out/ folder (the model and its sidecar)."""
     readable = [Path(folder), Path(run_dir).resolve() / OUT_DIR]
     if prepared_dir().is_dir():
-        readable.append(prepared_dir().resolve())
+        readable.append(prepared_dir().absolute())
     return bwrap_command(command, readable=readable, chdir=folder)
 
 

@@ -249,3 +249,19 @@ def test_on_a_gpu_profile_the_budget_is_wall_time(repo):  # noqa: F811
     result = repo.experiment("sleep 1.6x as long", train=fake("burn.py", 1.6))
     assert result.returncode == 1 and "invalid (over_budget)" in result.stdout and "wall time" in result.stdout
     assert repo.summary("0003")["clock"] == "wall_time"
+
+
+def test_a_cache_reached_through_a_link_is_visible_and_its_eval_data_hidden(repo, tmp_path):  # noqa: F811
+    real = tmp_path / "disk" / "prepared"
+    real.parent.mkdir()
+    (repo.cache / "prepared").rename(real)
+    (repo.cache / "prepared").symlink_to(real)
+    (real / "eval").mkdir()
+    (real / "eval" / "val_rows.npy").write_bytes(b"held-out rows")
+    sandboxed_session(repo, "linked")
+    targets = [repo.cache / "prepared" / "prepared.json", repo.cache / "prepared" / "eval" / "val_rows.npy",
+               real / "eval" / "val_rows.npy"]
+    repo.experiment("read through the link", train=fake("memorise.py", *targets))  # (it "stole" the manifest)
+    log = (run_dir(repo, "0001") / "run.log").read_text()
+    assert f"read {targets[0]}" in log  # the manifest, which training may read
+    assert f"blocked {targets[1]}: No such file or directory" in log and f"blocked {targets[2]}: " in log, log
