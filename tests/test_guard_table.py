@@ -85,6 +85,8 @@ BASH_BYPASSES = [
     ("uv run --python 3.12 scripts/status.py", "no uv options"),
     ("uv run /tmp/scripts/status.py", "not a helper"),
     ("uv run scripts/loop.py start", "not a helper"),
+    ("uv run ./scripts/experiment.py x", "spelled exactly"),
+    ("git pu\\\nsh", "nothing leaves"),
     ("uv run train.py", "experiment.py"),
     ("uv run train.py > run.log 2>&1", "experiment.py"),
     ("./train.py", "experiment.py"),
@@ -177,6 +179,8 @@ BASH_BYPASSES = [
     ("cat < run.log", "tail -n 50"),
     # evaluation data and held-out scores
     ("cat runs/heldout.json", "held-out"),
+    ("grep test_bpb runs/0001-abc/referee-test.log", "held-out"),
+    ("tail -n 5 runs/*/referee-test.log", "held-out"),
     ("grep -c x " + CACHE + "/prepared/eval/val_rows.npy", "referee's alone"),
     ("ls " + CACHE + "/prepared/eval", "referee's alone"),
     ("head -c 100 " + CACHE + "/prepared/eval/test_tokens.bin", "referee's alone"),
@@ -248,6 +252,7 @@ def file_bypasses(root):
         ("Read", {"file_path": f"{root}/run.log", "limit": "10"}, "limit"),
         ("Read", {"file_path": os.path.expanduser("~/.ssh/id_rsa")}, "Secrets"),
         ("Read", {"file_path": f"{root}/runs/heldout.json"}, "held-out"),
+        ("Read", {"file_path": f"{root}/runs/0001-abc/referee-test.log", "limit": 5}, "held-out"),
         ("Read", {"file_path": f"{CACHE}/prepared/eval/val_rows.npy"}, "referee's alone"),
         ("Read", {"file_path": "/tmp/stash/test_rows.npy"}, "referee's alone"),
         ("Grep", {"pattern": "1", "path": f"{CACHE}/prepared/eval"}, "referee's alone"),
@@ -516,3 +521,25 @@ def test_the_project_root_comes_from_the_hooks_own_folder(project, tmp_path_fact
 def test_the_sandbox_cannot_be_switched_off_per_call(project):
     reason = guard("Bash", {"command": "git status", "dangerouslyDisableSandbox": True}, project)
     assert "without dangerouslyDisableSandbox" in reason
+
+
+def test_the_settings_hook_commands_work_without_claude_project_dir(project):
+    """Codex and OpenCode do not set CLAUDE_PROJECT_DIR: each hook command of .claude/settings.json, run
+    by a shell from the project root without it, still finds its hook and the project."""
+    shutil.copytree(HOOKS, project / ".claude" / "hooks")
+    settings = json.loads((REPO / ".claude" / "settings.json").read_text())
+    commands = {event: entry["hooks"][0]["command"] for event, entries in settings["hooks"].items() for entry in entries}
+    assert all("$" in command and "CLAUDE_PROJECT_DIR" in command for command in commands.values())
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("CLAUDE_PROJECT_DIR", "AUTORESEARCH_MAINTAINER")}
+    payloads = {"PreToolUse": {"tool_name": "Bash", "tool_input": {"command": "cat run.log"}, "cwd": str(project)},
+                "PostToolUse": {"tool_name": "Edit", "tool_input": {"file_path": "train.py"}, "cwd": str(project)},
+                "Stop": {"stop_hook_active": False}, "SessionStart": {"source": "startup"}}
+    answers = {}
+    for event, command in commands.items():
+        result = subprocess.run(["sh", "-c", command], cwd=project, input=json.dumps(payloads[event]),
+                                capture_output=True, text=True, env=environment, timeout=30)
+        answers[event] = (result.returncode, result.stdout)
+    assert answers["PreToolUse"][0] == 2 and "tail -n 50" in answers["PreToolUse"][1]
+    assert answers["PostToolUse"] == (0, "") and answers["Stop"] == (0, "")
+    assert answers["SessionStart"][0] == 0 and "no research session is active" in answers["SessionStart"][1]

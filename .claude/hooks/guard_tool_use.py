@@ -50,7 +50,7 @@ MAX_COMMAND_CHARS = 10_000
 
 EDITABLE = ("train.py", "notes.md", "REPORT.md")
 EDITABLE_FOLDER = ".claude/context/memory"
-HELD_OUT_FILES = ("heldout.json",)
+HELD_OUT_FILES = ("heldout.json", "referee-test*.log")  # runs/heldout.json, runs/N/referee-test.log
 SECRET_PATTERNS = (
     re.compile(r"(^|/|~)\.ssh(/|$)"), re.compile(r"(^|/|~)\.aws(/|$)"), re.compile(r"(^|/)\.netrc$"),
     re.compile(r"(^|/)\.git-credentials$"), re.compile(r"(^|/)\.env(\.[\w.-]+)?$"),
@@ -308,6 +308,11 @@ def is_log(path):
     return os.path.basename(str(path)).endswith(".log")
 
 
+def is_held_out(path):
+    """The held-out test scores: seeing them would turn the test split into a second val split."""
+    return any(fnmatch.fnmatch(os.path.basename(str(path)), pattern) for pattern in HELD_OUT_FILES)
+
+
 def is_secret(path):
     return any(pattern.search(str(path).replace(os.sep, "/")) for pattern in SECRET_PATTERNS)
 
@@ -324,7 +329,7 @@ def check_read(path, ctx, whole=False):
         names = (os.path.basename(candidate), os.path.basename(real))
         if is_secret(candidate) or is_secret(real):
             raise Blocked(REASON_SECRET)
-        if any(name in HELD_OUT_FILES for name in names):
+        if any(is_held_out(name) for name in names):
             raise Blocked(REASON_HELD_OUT)
         if within(real, ctx.eval_dir) or any(name in ctx.eval_files or fnmatch.fnmatch(name, "*_rows.npy")
                                              for name in names):
@@ -370,6 +375,7 @@ def simple_commands(command):
     if len(command) > MAX_COMMAND_CHARS:
         raise Blocked(REASON_LONG)
     command = command.replace("$'\\t'", "'\t'")  # sort -t$'\t', as the research-report skill shows
+    command = command.replace("\\\n", "")  # a line continuation, as bash reads it
     bare = unquoted(command)
     if any(char in bare for char in "$`"):
         raise Blocked(REASON_EXPANSION)
@@ -652,6 +658,8 @@ def check_uv(args, ctx):
     if name == "train.py":
         raise Blocked(REASON_TRAIN)
     where = "prepare.py" if name == "prepare.py" else f"scripts/{name}"
+    if name in HELPER_FLAGS and script != where and resolve(script, ctx) == os.path.join(ctx.root, where):
+        raise Blocked(f"Run it as `uv run {where}` from the project root, spelled exactly so.")
     if name not in HELPER_FLAGS or resolve(script, ctx) != os.path.join(ctx.root, where):
         if INTERPRETERS.match(name) or name.startswith("python"):
             raise Blocked(REASON_CODE)
@@ -773,7 +781,7 @@ def check_bash(tool_input, ctx):
         for arg in argv:
             if is_secret(arg):
                 raise Blocked(REASON_SECRET)
-            if os.path.basename(arg) in HELD_OUT_FILES:
+            if is_held_out(arg):
                 raise Blocked(REASON_HELD_OUT)
     for argv, redirects in commands:
         check_simple(argv, ctx)
