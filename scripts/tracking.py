@@ -37,6 +37,7 @@ Usage:
 """
 
 import ast
+import contextlib
 import fcntl
 import importlib.util
 import json
@@ -453,6 +454,21 @@ def on_alarm(_signum, _frame):
     raise Timeout(f"no answer within {EVENT_SECONDS} s")
 
 
+@contextlib.contextmanager
+def store_lock(event):
+    """Lanes' workers share the local MLflow SQLite file: one writer at a time (creating its schema
+    twice at once fails), through a lock file beside it. Servers and W&B need none."""
+    uri = mlflow_uri() if event.get("tracker") == "mlflow" else ""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri[len("sqlite:///"):] + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def process(event, trackers, runs):
     tracker = trackers.get(event["tracker"])
     if tracker is None:
@@ -498,7 +514,8 @@ def work():
                 if event:
                     signal.alarm(EVENT_SECONDS)
                     try:
-                        process(event, trackers, runs)
+                        with store_lock(event):
+                            process(event, trackers, runs)
                     except Exception as error:  # noqa: BLE001 (one warning line; the next event still goes)
                         line = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
                         print(f"{common.now_iso()} tracking: {event.get('run')} not recorded in "

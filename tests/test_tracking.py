@@ -311,3 +311,29 @@ def test_an_unknown_tracker_is_refused_at_setup_before_anything_changes(tmp_path
                  env={"AUTORESEARCH_TRACK": "tensorboard"})
     assert off.returncode == 0, off.stderr
     assert json.loads((repo.path / "runs" / "session.json").read_text())["track"] is None
+
+
+def test_lanes_record_into_one_local_mlflow_store_one_experiment_per_lane(tmp_path):
+    from lanes_repo import LanesRepo
+
+    lanes = LanesRepo(tmp_path / "repo")
+    bowl = Path(__file__).resolve().parent / "fixtures" / "fake_train_loop" / "bowl.py"
+    lanes.lanes("start", "2", "--backend", "local", "--tag", "tracked", "--track", "mlflow",
+                "--train-command", f"{sys.executable} {bowl}",
+                "--", "--no-referee", "--noise-runs", "0", "--max-experiments", "2")
+    assert lanes.wait_until_stopped(timeout=120)["experiments"] == 6
+    folders = {}
+    for k, lane in enumerate(lanes.lane_paths("tracked")):
+        runs = wait_for_tracking(type("Lane", (), {"path": lane}))
+        folders[k] = {path.parent.name for path in (lane / "runs").glob("0*/summary.json")}  # confirmations too
+        assert set(runs) == {f"mlflow:{name}" for name in folders[k]}
+        assert not [entry for entry in runs.values() if entry.get("error")], runs
+        assert not (lane / "runs" / "mlflow.db").exists()
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{lanes.path / 'runs' / 'mlflow.db'}")
+    for k in (0, 1):
+        experiment = client.get_experiment_by_name(f"autoresearch/tracked-lane{k}")
+        found = client.search_runs([experiment.experiment_id])
+        assert {run.data.tags["run"] for run in found} == folders[k]
+        assert {run.data.tags["lane"] for run in found} == {f"lane{k}"}
+        assert {run.data.tags["status"] for run in found if run.data.tags["kind"] == "experiment"} <= {"keep", "discard"}
+        assert all("summary.json" in {a.path for a in client.list_artifacts(run.info.run_id)} for run in found)
