@@ -81,6 +81,8 @@ BASH_BYPASSES = [
     ("uv run prepare.py score runs/0001-abc/out/model.pt2 --split test", "referee"),
     ("uv run prepare.py --time-budget 9999", "human's"),
     ("uv run prepare.py --eval-tokens 16", "human's"),
+    ("uv run prepare.py --dataset local:" + CACHE + "/prepared/eval", "referee's alone"),
+    ("uv run prepare.py --dataset=local:" + HOME, "referee's alone"),
     ("uv run --with einops scripts/status.py", "pyproject.toml"),
     ("uv run --python 3.12 scripts/status.py", "no uv options"),
     ("uv run /tmp/scripts/status.py", "not a helper"),
@@ -177,6 +179,8 @@ BASH_BYPASSES = [
     ("sed -n '1,$p' run.log", "tail -n 50"),
     ("sort run.log", "tail -n 50"),
     ("cat < run.log", "tail -n 50"),
+    ("cat RUN.LOG", "tail -n 50"),
+    ("head -n 50 run.log run.log run.log", "tail -n 50"),
     # evaluation data and held-out scores
     ("cat runs/heldout.json", "held-out"),
     ("grep test_bpb runs/0001-abc/referee-test.log", "held-out"),
@@ -207,6 +211,10 @@ BASH_BYPASSES = [
     ("cat ~/.ssh/id_ed25519", "Secrets"),
     ("grep KEY .env", "Secrets"),
     ("ls ~/.aws", "Secrets"),
+    ("cat ~/.claude/.credentials.json", "Secrets"),
+    ("cat ~/.codex/auth.json", "Secrets"),
+    ("cat /proc/self/environ", "Secrets"),
+    ("grep -r KEY /proc/1/environ", "Secrets"),
     # leaving the project
     ("cd /tmp && ls", "without `cd`"),
     ("cd .. && uv run scripts/status.py", "without `cd`"),

@@ -55,6 +55,8 @@ SECRET_PATTERNS = (
     re.compile(r"(^|/|~)\.ssh(/|$)"), re.compile(r"(^|/|~)\.aws(/|$)"), re.compile(r"(^|/)\.netrc$"),
     re.compile(r"(^|/)\.git-credentials$"), re.compile(r"(^|/)\.env(\.[\w.-]+)?$"),
     re.compile(r"(^|/)\.config/gh(/|$)"), re.compile(r"(^|/|~)\.gnupg(/|$)"),
+    re.compile(r"(^|/)(\.credentials|auth|\.claude)\.json$"), re.compile(r"(^|/)\.(pypirc|npmrc|docker|kube)(/|$)"),
+    re.compile(r"^/proc/.*/environ$"),  # the client's API keys
 )
 
 HELPERS = "`uv run scripts/status.py`, `experiment.py`, `decide.py`, `memory.py search`"
@@ -165,9 +167,8 @@ HUMAN_FLAGS = {
 PACKAGE_MANAGERS = re.compile(r"^(pip|pip3|pip3\.\d+|pipx|uvx|conda|mamba|micromamba|apt|apt-get|dpkg|npm|npx|yarn|"
                               r"pnpm|poetry|cargo|gem|brew|easy_install)$")
 INTERPRETERS = re.compile(r"^(python|python3|python3\.\d+|pypy3?|perl|ruby|node|nodejs|deno|bun|lua|php|Rscript|"
-                          r"julia|tclsh|awk|gawk|mawk|bash|sh|zsh|dash|ksh|fish|eval|exec|source|\.|env|xargs|"
-                          r"timeout|nohup|nice|ionice|stdbuf|sudo|doas|time|command|builtin|torchrun|accelerate|"
-                          r"jupyter|ipython|make|man|watch|script|parallel)$")
+                          r"julia|tclsh|awk|gawk|mawk|bash|sh|zsh|dash|ksh|fish|eval|source|\.|torchrun|accelerate|"
+                          r"jupyter|ipython|make|man|script)$")
 NETWORK_TOOLS = {"curl", "wget", "aria2c", "http", "https", "httpie", "xh", "ssh", "scp", "sftp", "ftp", "rsync",
                  "nc", "ncat", "netcat", "telnet", "socat", "gh", "huggingface-cli", "hf"}
 FILE_WRITERS = {"cp", "mv", "rm", "ln", "truncate", "install", "touch", "chmod", "chown", "rmdir", "unlink", "shred",
@@ -305,7 +306,7 @@ def check_edit(path, ctx):
 
 
 def is_log(path):
-    return os.path.basename(str(path)).endswith(".log")
+    return re.search(r"\.log(\.\d+)?$", os.path.basename(str(path)).lower()) is not None
 
 
 def is_held_out(path):
@@ -334,7 +335,7 @@ def check_read(path, ctx, whole=False):
         if within(real, ctx.eval_dir) or any(name in ctx.eval_files or fnmatch.fnmatch(name, "*_rows.npy")
                                              for name in names):
             raise Blocked(REASON_EVAL)
-        if whole and any(name.endswith(".log") for name in names):
+        if whole and any(is_log(name) for name in names):
             raise Blocked(REASON_LOG)
 
 
@@ -587,8 +588,9 @@ def check_reader(name, args, ctx):
                 continue
             count, from_start = count_value(value)
             lines = count // 80 if option in ("-c", "--bytes") else count
+        logs = sum(is_log(path) for path in operands) or 1  # `head -n 50 run.log run.log` is 100 lines
         for path in operands:
-            check_read(path, ctx, whole=(lines > MAX_LOG_LINES or from_start))
+            check_read(path, ctx, whole=(lines * logs > MAX_LOG_LINES or from_start))
         return None
     for path in operands:
         check_read(path, ctx, whole=name in ("cat", "sort", "cut", "uniq"))
@@ -679,6 +681,11 @@ def check_helper(name, args, ctx):
             raise Blocked(f"`{flag}` is the human's, not the agent's ({HUMAN_FLAGS[flag]}).")
     if name == "prepare.py" and "score" in args:
         raise Blocked("`prepare.py score` is the referee's: the helpers score every run (`uv run scripts/status.py`).")
+    for index, arg in enumerate(args):  # `--dataset local:PATH` reads PATH
+        value = arg.partition("=")[2] if arg.startswith("--dataset=") else args[index + 1] if (
+            arg == "--dataset" and index + 1 < len(args)) else ""
+        if value.startswith("local:"):
+            check_search_root(value[len("local:"):], ctx)
     flags = HELPER_FLAGS[name]
     _, operands = parse_options(args, {flag for flag, valued in flags.items() if not valued},
                                 {flag for flag, valued in flags.items() if valued})

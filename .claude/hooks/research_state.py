@@ -41,8 +41,13 @@ def read_json(path):
     return value if isinstance(value, dict) else None
 
 
+_LOADED = {}  # root -> module: one hook call may ask twice
+
+
 def load_common(root):
     """The project's scripts/common.py as a module (its paths are relative to that project)."""
+    if root in _LOADED:
+        return _LOADED[root]
     path = os.path.join(root, "scripts", "common.py")
     if not os.path.exists(path):
         raise StateUnavailable(f"{path} is missing")
@@ -52,6 +57,7 @@ def load_common(root):
         spec.loader.exec_module(module)
     except Exception as error:  # a broken helper module must not break every tool call
         raise StateUnavailable(str(error)) from error
+    _LOADED[root] = module
     return module
 
 
