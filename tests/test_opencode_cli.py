@@ -28,6 +28,9 @@ from test_claude_cli import start_session, workspace  # noqa: E402, F401  (pytes
 REPO = Path(__file__).resolve().parent.parent
 OPENCODE = REPO / "node_modules" / ".bin" / "opencode"
 PLUGIN_VERSION = "1.18.33"  # the opencode-ai version in package-lock.json
+# OpenCode's skill and search tools run ripgrep: `rg` from PATH, else one it downloads. Offline,
+# the one Codex's npm package carries (pinned in the same lock) stands in for a system ripgrep.
+RIPGREP = next((REPO / "node_modules" / "@openai").glob("codex-linux-*/vendor/*/codex-path/rg"), None)
 ANSWER = {"hypothesis": "a higher Muon learning rate trains faster in a short budget",
           "description": "matrix lr 0.03 -> 0.045"}
 
@@ -46,8 +49,10 @@ def opencode():
 def project(workspace):  # noqa: F811
     root, env = workspace
     home = Path(env["HOME"])
-    env = dict(env, PWD=str(root), XDG_CONFIG_HOME=str(home / ".config"), XDG_DATA_HOME=str(home / ".local/share"),
-               XDG_CACHE_HOME=str(home / ".cache"), XDG_STATE_HOME=str(home / ".local/state"),
+    path = env["PATH"] if RIPGREP is None else f"{RIPGREP.parent}{os.pathsep}{env['PATH']}"
+    env = dict(env, PATH=path, PWD=str(root), XDG_CONFIG_HOME=str(home / ".config"),
+               XDG_DATA_HOME=str(home / ".local/share"), XDG_CACHE_HOME=str(home / ".cache"),
+               XDG_STATE_HOME=str(home / ".local/state"),
                OPENCODE_DISABLE_AUTOUPDATE="1", OPENCODE_DISABLE_MODELS_FETCH="1", OPENCODE_DISABLE_LSP_DOWNLOAD="1")
     user = home / ".config" / "opencode"  # as OpenCode leaves it after its one install there
     (user / "node_modules").mkdir(parents=True)
@@ -80,9 +85,12 @@ def sha256(path):
 
 def test_agents_md_and_the_skills_reach_the_model(opencode, project):
     root, env = project
-    result, model, seconds = run_opencode(opencode, root, env, [text("Nothing to do.")], prompt="hello")
+    script = [tool_use("skill", {"name": "ml-experiment-loop"}), text("Nothing to do.")]
+    result, model, seconds = run_opencode(opencode, root, env, script, prompt="hello")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "Nothing to do."
+    [skill] = tool_outputs(model.agent_requests[1])  # the skill loads through the guard plugin
+    assert "name: ml-experiment-loop" in skill or "uv run scripts/experiment.py" in skill, skill[:500]
     assert seconds < 30  # no npm install at start-up (offline it cost 75 s)
     first = all_text(model.agent_requests[0])
     assert "If you were asked to do research" in first  # AGENTS.md, in the system prompt
