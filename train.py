@@ -22,12 +22,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+# prepare first: it sets OpenMP's wait policy, which must be in place before torch loads OpenMP
+from prepare import (MAX_SEQ_LEN, PROFILE, TIME_BUDGET, VOCAB_SIZE, detect_device, evaluate_and_save,
+                     make_dataloader, peak_flops, run_seed, training_clock)
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from prepare import (MAX_SEQ_LEN, PROFILE, TIME_BUDGET, VOCAB_SIZE, detect_device, evaluate_and_save,
-                     make_dataloader, peak_flops, run_seed, training_clock)
 
 # ---------------------------------------------------------------------------
 # Hyperparameters: edit freely. DEPTH sizes the model; width and heads follow from it.
