@@ -185,6 +185,9 @@ BASH_BYPASSES = [
     ("cat runs/heldout.json", "held-out"),
     ("grep test_bpb runs/0001-abc/referee-test.log", "held-out"),
     ("tail -n 5 runs/*/referee-test.log", "held-out"),
+    ("grep -rn test_bpb runs", "held-out"),
+    ("grep -r test_bpb .", "held-out"),
+    ("rg test_bpb", "held-out"),
     ("grep -c x " + CACHE + "/prepared/eval/val_rows.npy", "referee's alone"),
     ("ls " + CACHE + "/prepared/eval", "referee's alone"),
     ("head -c 100 " + CACHE + "/prepared/eval/test_tokens.bin", "referee's alone"),
@@ -267,6 +270,7 @@ def file_bypasses(root):
         ("Grep", {"pattern": "1", "path": HOME}, "referee's alone"),
         ("Grep", {"pattern": "1", "glob": "**/*_rows.npy"}, "referee's alone"),
         ("Grep", {"pattern": ".", "path": f"{root}/run.log", "output_mode": "content"}, "limit"),
+        ("Grep", {"pattern": "test_bpb", "path": f"{root}/runs"}, "held-out"),
         ("Glob", {"pattern": "**/*_rows.npy"}, "referee's alone"),
         ("Glob", {"pattern": "*", "path": f"{CACHE}/prepared/eval"}, "referee's alone"),
         ("WebFetch", {"url": "https://example.com"}, "network"),
@@ -304,6 +308,8 @@ BASH_ALLOWED = [
     'grep "^val_bpb:" runs/0001-abc/run.log',
     "grep -c step run.log && uv run scripts/status.py",
     "grep -n 'MATRIX_LR' train.py",
+    "grep '^val_bpb:' runs/*/run.log",
+    "grep -rn MATRIX_LR scripts",
     "grep -v crash results.tsv | sort -t$'\\t' -k2 -n | head -n 5",
     "rg -n 'def ' train.py",
     "tail -n 50 run.log",
@@ -369,7 +375,12 @@ def file_allowed(root):
 
 @pytest.fixture
 def project(tmp_path):
-    return make_project(tmp_path)
+    """The hooks' small project, after a run whose held-out score the referee logged."""
+    project = make_project(tmp_path)
+    (project / "runs" / "0001-abc").mkdir(parents=True)
+    (project / "runs" / "0001-abc" / "run.log").write_text("val_bpb: 1.0\n")
+    (project / "runs" / "0001-abc" / "referee-test.log").write_text("test_bpb: 1.1\n")
+    return project
 
 
 @pytest.fixture
@@ -403,8 +414,6 @@ def test_the_bypass_table_is_large_enough():
 
 @pytest.mark.parametrize("command", BASH_ALLOWED, ids=[command[:50] for command in BASH_ALLOWED])
 def test_the_agents_own_commands_are_allowed(project, command):
-    (project / "runs" / "0001-abc").mkdir(parents=True)
-    (project / "runs" / "0001-abc" / "run.log").write_text("x\n")
     assert guard("Bash", {"command": command, "description": "test"}, project) is None
 
 

@@ -339,11 +339,17 @@ def check_read(path, ctx, whole=False):
             raise Blocked(REASON_LOG)
 
 
-def check_search_root(path, ctx):
-    """A recursive search (grep -r, rg, find, the Grep and Glob tools) must not cover the eval data."""
+def check_search_root(path, ctx, content=False):
+    """A recursive search (grep -r, rg, find, the Grep and Glob tools) must not cover the eval data;
+    one that prints file contents must not cover held-out scores either."""
     check_read(path, ctx)
-    if within(ctx.eval_dir, resolve(path, ctx)):
+    real = resolve(path, ctx)
+    if within(ctx.eval_dir, real):
         raise Blocked(REASON_EVAL)
+    runs = os.path.join(ctx.root, "runs")
+    if content and (within(runs, real) or within(real, runs)) and any(
+            is_held_out(name) for _, _, names in itertools.islice(os.walk(runs), 5000) for name in names):
+        raise Blocked(REASON_HELD_OUT + " Search the run logs by name instead: `grep '^val_bpb:' runs/*/run.log`.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,7 +621,7 @@ def check_grep(name, options, operands, ctx):
             check_read(value, ctx)
     recursive = name == "rg" or names & {"-r", "-R", "--recursive"}
     for path in operands or (["."] if recursive else []):
-        check_search_root(path, ctx) if recursive else check_read(path, ctx)
+        check_search_root(path, ctx, content=True) if recursive else check_read(path, ctx)
         if any(pattern in MATCH_ALL for pattern in patterns) and is_log(path) and not names & {"-c", "--count"}:
             raise Blocked(REASON_LOG)
     return None
@@ -837,7 +843,9 @@ def check_tool(payload, root):
             raise Blocked(REASON_READ_LOG)
     elif tool in ("Grep", "Glob", "LS"):
         pattern, where = str(tool_input.get("pattern") or ""), tool_input.get("path") or ctx.cwd
-        check_search_root(where, ctx)
+        only = os.path.basename(str(tool_input.get("glob") or "*"))  # a Grep of *.py reads no held-out log
+        check_search_root(where, ctx, content=tool == "Grep" and any(
+            fnmatch.fnmatch(name, only) for name in ("referee-test.log", "heldout.json")))
         for text in (tool_input.get("glob"), pattern if tool == "Glob" else None):
             if text:
                 check_read(os.path.join(str(where), str(text)), ctx)
