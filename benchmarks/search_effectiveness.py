@@ -5,7 +5,7 @@
    (0.0002). Each proposer's own code proposes (proposers.random_proposal, which the loop keeps
    only when it beats the best; search.ask on an in-memory study, with the baseline as its first
    trial, as the loop does), the bowl's formula scores the proposal: no processes, so 20 seeds x
-   30 experiments x 3 proposers run in about a minute. Regret: the noise-free value of the best
+   30 experiments x 3 proposers take about two minutes. Regret: the noise-free value of the best
    configuration found (the incumbent a human would keep) minus the bowl's minimum (1.0).
 2. --real N: the real cpu profile, N experiments per proposer, each a `loop.py start` in its own
    copy of this repository (needs `uv run prepare.py --dataset builtin --profile cpu` done, and
