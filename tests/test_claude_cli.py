@@ -80,10 +80,11 @@ def start_session(root, env):
     assert result.returncode == 0, result.stderr
 
 
-def run_claude(claude, root, env, script, prompt="have a look at program.md and kick off a new experiment"):
+def run_claude(claude, root, env, script, prompt="have a look at program.md and kick off a new experiment",
+               tools=ALLOWED_TOOLS):
     with ScriptedModel(script) as model:
         result = subprocess.run(
-            [claude, "-p", prompt, "--output-format", "stream-json", "--verbose", "--allowedTools", ALLOWED_TOOLS],
+            [claude, "-p", prompt, "--output-format", "stream-json", "--verbose", "--allowedTools", tools],
             cwd=root, env=dict(env, ANTHROPIC_BASE_URL=model.url), capture_output=True, text=True, timeout=120,
         )
     messages = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
@@ -293,3 +294,24 @@ def test_the_bash_sandbox_refuses_what_the_guard_would_with_the_guard_switched_o
     assert outcomes[3][1] and "SECRET-VALIDATION-ROWS" not in outcomes[3][0], outcomes[3]
     assert outcomes[4][1] and internet.requests == 0, outcomes[4]
     assert not outcomes[5][1] and (root / "notes.md").read_text().endswith("- a lesson\n")
+
+
+def test_the_guard_matches_grep_and_writes_outside_the_project(claude, workspace):
+    """Grep of the evaluation data and a Write of ~/.claude/settings.json (which could switch the hooks
+    off) reach the guard hook through the real CLI and are refused with its reason."""
+    root, env = workspace
+    eval_dir = Path(env["AUTORESEARCH_CACHE"]) / "prepared" / "eval"
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "val_rows.npy").write_text("SECRET-VALIDATION-ROWS\n")
+    user_settings = Path(env["HOME"]) / ".claude" / "settings.json"
+    script = [
+        tool_use("Grep", {"pattern": "SECRET", "path": str(eval_dir), "output_mode": "content"}),
+        tool_use("Write", {"file_path": str(user_settings), "content": '{"disableAllHooks": true}'}),
+        text("done"),
+    ]
+    result, messages, model = run_claude(claude, root, env, script, prompt="hello", tools=ALLOWED_TOOLS + ",Grep")
+    assert result.returncode == 0, result.stderr
+    grep, write = (tool_results(request)[0] for request in model.agent_requests[1:3])
+    assert grep[1] and "referee's alone" in grep[0] and "SECRET-VALIDATION-ROWS" not in grep[0], grep
+    assert write[1] and "outside the project" in write[0], write
+    assert "disableAllHooks" not in (user_settings.read_text() if user_settings.exists() else "")

@@ -190,6 +190,7 @@ BASH_BYPASSES = [
     ("rg test_bpb", "held-out"),
     ("grep -c x " + CACHE + "/prepared/eval/val_rows.npy", "referee's alone"),
     ("ls " + CACHE + "/prepared/eval", "referee's alone"),
+    ("ls -laR " + CACHE, "referee's alone"),
     ("head -c 100 " + CACHE + "/prepared/eval/test_tokens.bin", "referee's alone"),
     ("wc -c /tmp/copy/val_rows.npy", "referee's alone"),
     ("grep -r x " + HOME + "/.cache", "referee's alone"),

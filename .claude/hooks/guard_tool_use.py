@@ -607,7 +607,7 @@ def check_reader(name, args, ctx):
                               "(the Read tool with offset and limit, or `sed -n '1,200p' FILE`).")
     if name in ("ls", "du"):
         for path in operands or ["."]:
-            check_search_root(path, ctx) if "-R" in args or name == "du" else check_read(path, ctx)
+            check_search_root(path, ctx) if ("-R", None) in options or name == "du" else check_read(path, ctx)
     return None
 
 
