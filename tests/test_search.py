@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import sys
 from pathlib import Path
 
@@ -159,3 +160,19 @@ def test_optuna_refuses_queued_instructions_like_the_random_proposer(repo):
     ok(repo.start("--agent", "optuna", "--max-experiments", "1", "--max-failures", "1", "--tag", "queue"))
     assert "queued instructions need an agent" in repo.record(1)["reason"]
     assert os.path.exists(repo.path / "runs" / "loop" / "optuna.db")
+
+
+def test_a_confirmed_marginal_result_is_told_as_the_mean_of_its_runs(repo):
+    """On a flat bowl every gain is within the noise: marginal, re-run under a new seed, judged on the mean."""
+    ok(repo.start("--agent", "optuna", "--max-experiments", "4", "--tag", "flat", env={"FAKE_FLAT": "1"}))
+    rows = check_consistent(repo)
+    confirmed = [row for row in rows[1:] if row[4].endswith("[mean of 2 runs]")]
+    assert confirmed, rows
+    proposed = {t.number: t for t in asked(trials(repo.path / "runs" / "loop" / "optuna.db", "flat"))}
+    for row in confirmed:
+        trial = proposed[int(row[4].split(":")[0].rsplit(" ", 1)[1])]
+        summary = next(s for s in (json.loads(p.read_text()) for p in (repo.path / "runs").glob(f"*-{row[0]}/summary.json"))
+                       if s.get("kind") == "experiment")
+        means = statistics.fmean(sample["val_bpb"] for sample in summary["samples"])
+        assert len(summary["samples"]) == 2 and trial.value == pytest.approx(means, abs=1e-9)
+        assert float(row[1]) == pytest.approx(means, abs=1e-6)  # the ledger keeps six decimals
