@@ -1,7 +1,9 @@
 """The guard hook's tables: what the agent really runs is allowed, every bypass attempt is refused.
 
-Each call goes through .claude/hooks/guard_tool_use.py as a client runs it (a subprocess with the
-PreToolUse JSON on stdin) against a small project in a temporary folder (see test_hooks.py). The
+Each call is checked by .claude/hooks/guard_tool_use.py against a small project in a temporary folder
+(see test_hooks.py): the tables call its check_tool() in this process (some 300 calls; a subprocess
+each would cost a minute and a half), and a sample of them, the failure modes and the project root
+go through the hook as a client runs it (a subprocess with the PreToolUse JSON on stdin). The
 bypass table holds the 61 calls that the last red-team review found allowed (issue 11), and more of
 the same kinds; each must be refused with a one-line reason that names what to do instead. The
 allowed table holds every command that program.md, the skills and the slash commands tell the agent
@@ -20,6 +22,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_hooks import HOOKS, REPO, guard, make_project, run_hook  # noqa: E402
+
+sys.path.insert(0, str(HOOKS))
+import guard_tool_use  # noqa: E402
 
 HOME = os.path.expanduser("~")
 CACHE = f"{HOME}/.cache/autoresearch"
@@ -374,10 +379,8 @@ def file_allowed(root):
     ]
 
 
-@pytest.fixture
-def project(tmp_path):
+def with_a_run(project):
     """The hooks' small project, after a run whose held-out score the referee logged."""
-    project = make_project(tmp_path)
     (project / "runs" / "0001-abc").mkdir(parents=True)
     (project / "runs" / "0001-abc" / "run.log").write_text("val_bpb: 1.0\n")
     (project / "runs" / "0001-abc" / "referee-test.log").write_text("test_bpb: 1.1\n")
@@ -385,16 +388,34 @@ def project(tmp_path):
 
 
 @pytest.fixture
-def links(project):
-    """Symlinks an agent might have left in place: a memory-file name that points at the ledger."""
+def project(tmp_path):
+    return with_a_run(make_project(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    """One project for the tables (checking a call changes nothing), with a symlink an agent might have
+    left in place: a memory-file name that points at the ledger."""
+    project = with_a_run(make_project(tmp_path_factory.mktemp("tables")))
     (project / "results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
     (project / "linked_notes.md").symlink_to(project / "results.tsv")
     return project
 
 
+def check(tool, tool_input, project):
+    """The guard's one-line reason, or None when it allows the call (its rules, called in this process)."""
+    payload = {"session_id": "s", "hook_event_name": "PreToolUse", "cwd": str(project),
+               "tool_name": tool, "tool_input": tool_input}
+    try:
+        guard_tool_use.check_tool(payload, os.path.realpath(project))
+    except guard_tool_use.Blocked as blocked:
+        return " ".join(str(blocked).split())
+    return None
+
+
 @pytest.mark.parametrize("command,expected", BASH_BYPASSES, ids=[case[0][:50] for case in BASH_BYPASSES])
-def test_bash_bypass_is_refused(project, command, expected):
-    reason = guard("Bash", {"command": command, "description": "test"}, project)
+def test_bash_bypass_is_refused(tables, command, expected):
+    reason = check("Bash", {"command": command, "description": "test"}, tables)
     assert reason is not None, f"not refused: {command!r}"
     assert expected in reason, reason
     assert "\n" not in reason
@@ -402,9 +423,9 @@ def test_bash_bypass_is_refused(project, command, expected):
 
 @pytest.mark.parametrize("index", range(len(file_bypasses("/r"))), ids=[
     f"{tool}-{list(tool_input.values())[0]}"[:60].replace("/r/", "") for tool, tool_input, _ in file_bypasses("/r")])
-def test_file_tool_bypass_is_refused(links, index):
-    tool, tool_input, expected = file_bypasses(links)[index]
-    reason = guard(tool, tool_input, links)
+def test_file_tool_bypass_is_refused(tables, index):
+    tool, tool_input, expected = file_bypasses(tables)[index]
+    reason = check(tool, tool_input, tables)
     assert reason is not None, f"not refused: {tool} {tool_input}"
     assert expected in reason, reason
 
@@ -414,14 +435,24 @@ def test_the_bypass_table_is_large_enough():
 
 
 @pytest.mark.parametrize("command", BASH_ALLOWED, ids=[command[:50] for command in BASH_ALLOWED])
-def test_the_agents_own_commands_are_allowed(project, command):
-    assert guard("Bash", {"command": command, "description": "test"}, project) is None
+def test_the_agents_own_commands_are_allowed(tables, command):
+    assert check("Bash", {"command": command, "description": "test"}, tables) is None
 
 
 @pytest.mark.parametrize("index", range(len(file_allowed("/r"))))
-def test_the_agents_own_file_tools_are_allowed(project, index):
-    tool, tool_input = file_allowed(project)[index]
-    assert guard(tool, tool_input, project) is None, (tool, tool_input)
+def test_the_agents_own_file_tools_are_allowed(tables, index):
+    tool, tool_input = file_allowed(tables)[index]
+    assert check(tool, tool_input, tables) is None, (tool, tool_input)
+
+
+def test_the_hook_process_answers_as_its_rules_do(tables):
+    """A sample of both tables through the real hook process: same answers, exit 2 with the reason on
+    stderr and the JSON decision on stdout for a refusal, silence and exit 0 for an allowed call."""
+    calls = [("Bash", {"command": command}) for command, _ in BASH_BYPASSES[::30]]
+    calls += [("Bash", {"command": command}) for command in BASH_ALLOWED[::20]]
+    calls += [case[:2] for case in file_bypasses(tables)[::12]] + file_allowed(tables)[::8]
+    assert [guard(tool, tool_input, tables) for tool, tool_input in calls] == [
+        check(tool, tool_input, tables) for tool, tool_input in calls]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,10 +484,10 @@ def documented_commands():
     return sorted(commands)
 
 
-def test_every_command_the_documents_name_is_allowed(project):
+def test_every_command_the_documents_name_is_allowed(tables):
     commands = documented_commands()
     assert len(commands) >= 20 and 'uv run scripts/experiment.py "baseline"' in commands
-    refused = {command: guard("Bash", {"command": command}, project) for command in commands}
+    refused = {command: check("Bash", {"command": command}, tables) for command in commands}
     assert {command: reason for command, reason in refused.items() if reason} == {}
 
 
