@@ -1,11 +1,16 @@
-"""What the referee costs: the export in train.py, the re-evaluation in a fresh process, and the
-causality probe, each against the time of one experiment on the CPU profile.
+"""What the referee costs per experiment now that it scores every one, as a share of an experiment.
 
-Runs the real train.py once with AUTORESEARCH_EXPORT set (the export time is what train.py prints),
-then `prepare.py score` on the saved model (wall time of the fresh process: start-up, torch import,
-loading the program, scoring val, the probe), then times the causality probe alone against the
-evaluation it belongs to. The export and the re-evaluation are paid only for keep candidates; the
-probe runs in every evaluation. Target: together under 10% of an experiment.
+Under the helpers, train.py cannot read the evaluation data: it trains, saves the model
+(torch.export, AUTORESEARCH_EXPORT) and skips its own evaluation; the referee, a fresh
+`python -I` process on a lone copy of prepare.py, checks and loads the artifact, scores val and
+runs the causality probe. So the evaluation moves rather than adds, and the net cost per experiment
+is the export, the referee's process start and torch import, the archive checks and the load, and
+the probe's extra batches.
+
+Runs the real train.py once by hand with AUTORESEARCH_EXPORT set (its summary gives the in-process
+evaluation and export seconds), then the referee on the saved model (wall time), then the referee's
+phases one by one in another fresh process. Prints the breakdown, the net share, and the referee's
+agreement with train.py's own val_bpb.
 
 Uses $AUTORESEARCH_CACHE when it holds data prepared for the profile, else prepares the built-in
 corpus for it in a temporary folder first (not timed).
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,25 +32,30 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 
-PROBE = """
-import json, sys, time, numpy as np, torch
+PHASES = """
+import json, sys, time
+started = time.perf_counter()
+import numpy as np, torch
 sys.path.insert(0, sys.argv[2])
 import prepare
-module = torch.export.load(sys.argv[1]).module()
-rows = np.load(prepare.require_prepared_dir() / "val_rows.npy", mmap_mode="r")
-batch = int(sys.argv[3])
-started = time.perf_counter()
+imported = time.perf_counter()
+module = prepare.load_saved_model(sys.argv[1])
+loaded = time.perf_counter()
+rows = np.load(prepare.eval_dir() / "val_rows.npy", mmap_mode="r")
+batch = prepare.saved_batch_size(sys.argv[1])
 with torch.no_grad():
     prepare.score_rows(module, rows, batch, prepare.get_token_bytes("cpu"))
 scored = time.perf_counter()
 prepare.check_causality(module, rows, batch)
-print(json.dumps({"score_s": scored - started, "probe_s": time.perf_counter() - scored, "rows": len(rows)}))
+probed = time.perf_counter()
+print(json.dumps({"import_s": imported - started, "load_s": loaded - imported, "score_s": scored - loaded,
+                  "probe_s": probed - scored, "rows": len(rows), "batch": batch}))
 """
 
 
-def timed(command, env):
+def timed(command, env, cwd=PROJECT):
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{' '.join(map(str, command))} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     return time.perf_counter() - started, result.stdout
@@ -54,7 +65,7 @@ def prepared_cache(profile, time_budget, folder):
     """A cache with data for `profile`: $AUTORESEARCH_CACHE if it has it, else the built-in corpus in `folder`."""
     cache = Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
     manifest = cache / "prepared" / "prepared.json"
-    if manifest.exists() and json.loads(manifest.read_text())["profile"] == profile and time_budget is None:
+    if manifest.exists() and json.loads(manifest.read_text()).get("profile") == profile and time_budget is None:
         return cache
     args = ["--dataset", "builtin", "--profile", profile] + (["--time-budget", str(time_budget)] if time_budget else [])
     print(f"preparing the built-in corpus for the {profile} profile in {folder} (not timed)", flush=True)
@@ -63,50 +74,53 @@ def prepared_cache(profile, time_budget, folder):
     return Path(folder)
 
 
+def summary_value(log, key):
+    return re.search(rf"^{key}:\s*(.*)$", log, re.MULTILINE).group(1).strip()
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Cost of the export, the re-evaluation and the causality probe.")
+    parser = argparse.ArgumentParser(description="Net cost of the referee scoring every experiment.")
     parser.add_argument("--profile", default="cpu", choices=["cpu", "gpu", "h100"], help="protocol profile (default cpu)")
     parser.add_argument("--time-budget", type=int, help="override the profile's training seconds (a shorter run "
                         "makes the referee look relatively dearer)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
-        cache = prepared_cache(args.profile, args.time_budget, Path(temporary) / "cache")
+        temporary = Path(temporary)
+        cache = prepared_cache(args.profile, args.time_budget, temporary / "cache")
         manifest = json.loads((cache / "prepared" / "prepared.json").read_text())
-        model = Path(temporary) / "model.pt2"
+        model = temporary / "out" / "model.pt2"
+        model.parent.mkdir()
         env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_EXPORT=str(model), PYTHONUNBUFFERED="1")
         env.pop("AUTORESEARCH_PROFILE", None)
         experiment_s, log = timed([sys.executable, "train.py"], env)
-        export_s = float(re.search(r"saved the model for the referee to .* in ([\d.]+)s", log).group(1))
-        val_bpb = float(re.search(r"^val_bpb:\s*(\S+)", log, re.MULTILINE).group(1))
-        device = re.search(r"^device:\s*(.*)$", log, re.MULTILINE).group(1)
-        training_s, total_s = (float(re.search(rf"^{key}:\s*(\S+)", log, re.MULTILINE).group(1))
-                               for key in ("training_seconds", "total_seconds"))
-        rescore_s, scored = timed([sys.executable, "prepare.py", "score", str(model)], env)
-        referee_bpb = float(re.search(r"^val_bpb:\s*(\S+)", scored, re.MULTILINE).group(1))
-        batch = re.search(r"^batch: .* = \d+ x (\d+) x \d+", log, re.MULTILINE).group(1)  # train.py's DEVICE_BATCH_SIZE
-        _, probe = timed([sys.executable, "-c", PROBE, str(model), str(PROJECT), batch], env)
-        probe = json.loads(probe)
+        val_bpb, eval_s, export_s = (float(summary_value(log, key)) for key in ("val_bpb", "eval_seconds", "export_seconds"))
+        device = summary_value(log, "device")
+        lone = temporary / "referee"
+        lone.mkdir()
+        shutil.copy(PROJECT / "prepare.py", lone)
+        env.pop("AUTORESEARCH_EXPORT")
+        referee_s, scored = timed([sys.executable, "-I", str(lone / "prepare.py"), "score", str(model)], env, cwd=lone)
+        referee_bpb = float(summary_value(scored, "val_bpb"))
+        _, phases = timed([sys.executable, "-I", "-c", PHASES, str(model), str(lone)], env, cwd=lone)
+        phases = json.loads(phases)
         size_mb = model.stat().st_size / 1e6
 
-    def share(seconds):
-        return f"{seconds:.1f} s = {100 * seconds / experiment_s:.1f}% of the experiment"
+    before = experiment_s - export_s  # the experiment as it was: train.py evaluating itself, nothing saved
+    net = export_s + referee_s - eval_s
 
-    print(f"experiment: train.py on the {manifest['profile']} profile ({manifest['time_budget']} s budget, "
-          f"{manifest['eval_tokens']:,} eval tokens, {device}): {experiment_s:.1f} s wall, of which "
-          f"{total_s - training_s - export_s:.1f} s its own set-up and evaluation")
-    print(f"export (torch.export + save, {size_mb:.0f} MB model.pt2): {share(export_s)}")
-    print(f"re-evaluation (prepare.py score, fresh process): {share(rescore_s)}; "
-          f"val_bpb {referee_bpb:.6f} vs train.py's {val_bpb:.6f} ({referee_bpb - val_bpb:+.1e})")
-    print(f"causality probe (prepare.CAUSALITY_PROBE_ROWS rows, two forward passes): {probe['probe_s']:.2f} s, against "
-          f"{probe['score_s']:.1f} s to score {probe['rows']} val rows ({100 * probe['probe_s'] / experiment_s:.2f}% "
-          "of the experiment, in every evaluation)")
-    total = export_s + rescore_s + probe["probe_s"]
-    print(f"together: {share(total)} (target < 10%) for a keep candidate; every other experiment pays only the "
-          f"export and its own probe: {share(export_s + probe['probe_s'])}")
-    # The re-evaluation costs about one evaluation; it stays within the target on average when keep
-    # candidates are few enough.
-    budget = 0.10 * experiment_s - export_s - probe["probe_s"]
-    print(f"on average under 10% while at most {max(budget, 0) / rescore_s:.0%} of experiments are keep candidates")
+    def share(seconds):
+        return f"{seconds:.1f} s = {100 * seconds / before:.1f}%"
+
+    print(f"experiment by hand: train.py on the {manifest['profile']} profile ({manifest['time_budget']} s budget, "
+          f"{manifest['eval_tokens']:,} eval tokens, {device}): {before:.1f} s wall with its own evaluation "
+          f"({eval_s:.1f} s), without the export")
+    print(f"export in train.py (torch.export, functionalise, save; {size_mb:.0f} MB model.pt2): {share(export_s)}")
+    print(f"referee (python -I prepare.py score, fresh process): {share(referee_s)}: start and imports "
+          f"{phases['import_s']:.1f} s, checks and load {phases['load_s']:.1f} s, scoring {phases['rows']} rows "
+          f"{phases['score_s']:.1f} s, probe at batch {phases['batch']} {phases['probe_s']:.1f} s")
+    print(f"train.py no longer evaluates under the helpers: -{eval_s:.1f} s")
+    print(f"net cost per experiment: {share(net)} of an experiment (target at most 10%)")
+    print(f"agreement: referee {referee_bpb:.6f} vs train.py's {val_bpb:.6f} ({referee_bpb - val_bpb:+.1e})")
 
 
 if __name__ == "__main__":
