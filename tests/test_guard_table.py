@@ -63,6 +63,10 @@ BASH_BYPASSES = [
     ("uv run scripts/status.py\ncat run.log", "tail -n 50"),
     ("echo 'unbalanced", "parse"),
     ("true; (git push)", "simple commands"),
+    ("ls |", "simple commands"),
+    ("ls && ", "simple commands"),
+    ("> notes.md", "simple commands"),
+    ("ls\n\ngit push\n", "nothing leaves"),
     # environment prefixes and wrappers
     ("AUTORESEARCH_TRAIN_COMMAND='python3 evil.py' uv run scripts/experiment.py \"x\"", "Environment prefixes"),
     ("AUTORESEARCH_MAINTAINER=1 git push", "Environment prefixes"),
@@ -354,6 +358,8 @@ BASH_ALLOWED = [
     "echo '- lesson' >> .claude/context/memory/learnings.md",
     "printf -- '- lr 0.05 hurt\\n' >> notes.md",
     "ls > /dev/null",
+    "git status;",
+    "git status\n",
 ]
 
 

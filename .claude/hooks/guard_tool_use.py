@@ -395,14 +395,16 @@ def simple_commands(command):
         tokens = list(lexer)
     except ValueError as error:
         raise Blocked(REASON_UNPARSED) from error
-    commands, argv, redirects, index = [], [], [], 0
+    commands, argv, redirects, index, joined = [], [], [], 0, False
     while index < len(tokens):
         token = tokens[index]
-        if token in SEPARATORS or (token and set(token) <= set(";\n")):
+        if token and set(token) <= set(";\n") and not argv and not redirects:
+            pass  # an empty line, or a trailing `;`
+        elif token in SEPARATORS or (token and set(token) <= set(";\n")):
             if not argv:
                 raise Blocked(REASON_COMPLEX)
             commands.append((argv, redirects))
-            argv, redirects = [], []
+            argv, redirects, joined = [], [], token in ("|", "&&", "||")
         elif token in REDIRECTS:
             if index + 1 >= len(tokens) or tokens[index + 1] in REDIRECTS | SEPARATORS:
                 raise Blocked(REASON_COMPLEX)
@@ -414,11 +416,12 @@ def simple_commands(command):
             raise Blocked(REASON_COMPLEX)
         else:
             argv.append(token)
+            joined = False
         index += 1
     if argv:
         commands.append((argv, redirects))
-    elif redirects or commands:
-        raise Blocked(REASON_COMPLEX)
+    elif redirects or joined or not commands:
+        raise Blocked(REASON_COMPLEX)  # `ls |` or `> file` alone
     return commands
 
 
