@@ -95,6 +95,7 @@ BASH_BYPASSES = [
     ("uv run --with einops scripts/status.py", "pyproject.toml"),
     ("uv run --python 3.12 scripts/status.py", "no uv options"),
     ("uv run /tmp/scripts/status.py", "not a helper"),
+    ("/tmp/evil/uv run scripts/status.py", "not among the commands"),
     ("uv run scripts/loop.py start", "not a helper"),
     ("uv run ./scripts/experiment.py x", "spelled exactly"),
     ("git pu\\\nsh", "nothing leaves"),

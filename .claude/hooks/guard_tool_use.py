@@ -14,7 +14,9 @@ an alias, a substitution, a symlink always remains). So Bash may run only
 - read-only git: status, log, diff, show, branch --list (plus restoring train.py from git);
 - a short list of read-only commands (ls, cat, head, tail, wc, grep, rg, sort, cut, find ...),
   within limits: no whole logs, no evaluation data, no secrets, no held-out scores;
-joined by &&, ||, ; or |, with output redirected only to /dev/null or the memory files. Words
+joined by &&, ||, ; or |, with output redirected only to /dev/null or the memory files (setup,
+experiment, decide and prepare alone and spelled exactly: only that form matches the
+`excludedCommands` that let them out of Claude Code's Bash sandbox, which they need). Words
 are split by the standard library's shlex; anything it cannot make simple ($(...), backticks,
 variables, subshells, heredocs, environment prefixes) is refused, and so is any error here.
 Edit, Write, MultiEdit, NotebookEdit and Codex's apply_patch may change only train.py and the
@@ -504,7 +506,7 @@ def check_simple(argv, ctx):
     if re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", program):
         raise Blocked(REASON_ENV)
     name = os.path.basename(program)
-    if name == "uv":
+    if program == "uv":  # found on PATH, not a `uv` the agent placed somewhere
         return check_uv(args, ctx)
     if name == "git" and program == "git":
         return check_git(args, ctx)
