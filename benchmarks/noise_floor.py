@@ -13,6 +13,12 @@ within 1.5x of the quiet one, and below 0.02 val_bpb. It takes a while: six runs
 budget (90 s of CPU each, about three quarters of a minute on two idle cores, twice that under the
 load) plus evaluation, export and the referee.
 
+Measured 2026-12-01 on the shared 2-core machine (load average 8-13 from other work even when
+"quiet"), cpu profile defaults (90 s, 2^17 eval tokens), 32 min in all: quiet 0.0127 (seeds 43, 44,
+42: 1.6702, 1.6711, 1.6927; 63, 63, 66 steps), with 2 busy processes 0.0197 (1.6721, 1.6738,
+1.7070; 63, 62, 62 steps), ratio 1.55. The same seed moves by 0.002 to 0.014 under load; the
+spread is mostly seed 42 against the others, and a spread of three runs is itself uncertain.
+
 Usage:
     uv run benchmarks/noise_floor.py [--time-budget SECONDS] [--eval-tokens N] [--busy N]
 """
