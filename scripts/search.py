@@ -26,9 +26,11 @@ Usage (from loop.py; needs `uv sync --group search`):
 
 import ast
 import difflib
+import fcntl
 import json
 import math
 import warnings
+from pathlib import Path
 
 import common
 import proposers
@@ -175,9 +177,14 @@ def storage_url(options):
 def open_storage(url):
     import optuna
 
-    if url.startswith("sqlite:"):
+    if not url.startswith("sqlite:///"):
+        return optuna.storages.RDBStorage(url)
+    # Lanes starting at once would both create the schema (alembic: UNIQUE constraint failed): one at a time.
+    lock = Path(url[len("sqlite:///"):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_SECONDS}})
-    return optuna.storages.RDBStorage(url)
 
 
 def make_sampler(name, seed, space=None, x0=None):
