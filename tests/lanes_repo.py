@@ -59,7 +59,8 @@ class LanesRepo:
     def __init__(self, path, fake_seconds=1.0):
         self.path = path
         self.cache = path.parent / "cache"
-        self.trace = path.parent / "trace.jsonl"
+        self.trace = path.parent / "trace" / "trace.jsonl"  # its own folder, shared with the sandbox
+        self.trace.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir(parents=True)
         for name in ("prepare.py", "train.py", ".gitignore"):
             shutil.copy(PROJECT / name, path)
@@ -70,6 +71,7 @@ class LanesRepo:
             {"profile": "cpu", "dataset": "builtin", "max_seq_len": 256, "time_budget": 5, "eval_tokens": 4096,
              "vocab_size": 512, "prepared_at": "2026-11-23T00:00:00+00:00"}))
         self.env = dict(os.environ, AUTORESEARCH_CACHE=str(self.cache), FAKE_TRACE=str(self.trace),
+                        AUTORESEARCH_SANDBOX_SHARE=str(self.trace.parent),
                         FAKE_SECONDS=str(fake_seconds), HOME=str(path.parent / "home"),
                         GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
                         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")

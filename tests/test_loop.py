@@ -114,8 +114,9 @@ def test_a_queued_patch_that_touches_prepare_py_is_rejected_and_the_tree_reset(r
 
 
 def test_stop_ends_the_run_after_the_current_stage_and_resume_goes_on(repo, tmp_path):
-    slow = tmp_path / "slow"
-    env = {"FAKE_SLOW_FILE": str(slow)}
+    slow = tmp_path / "slow" / "seconds"  # in a folder of its own, which the training sandbox may see
+    slow.parent.mkdir()
+    env = {"FAKE_SLOW_FILE": str(slow), "AUTORESEARCH_SANDBOX_SHARE": str(slow.parent)}
     started = time.monotonic()
     output = ok(repo.start("--background", env=env))
     assert time.monotonic() - started < 5 and "background" in output
