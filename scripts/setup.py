@@ -200,10 +200,11 @@ def main():
     parser.add_argument("--measure-noise", action="store_true",
                         help="in the current session, re-run HEAD --noise-runs more times and update the noise")
     parser.add_argument("--no-sandbox", action="store_true",
-                        help="train without the sandbox (network and a writable repository)")
+                        help="train without the sandbox: the run sees the network, the evaluation data, the whole "
+                        "machine, and nothing ends its daemons (results are never verified)")
     parser.add_argument("--no-referee", action="store_true",
-                        help="keep results without re-scoring the saved model with prepare.py (they are "
-                        "recorded as unverified)")
+                        help="no referee: train.py scores itself, with the evaluation data visible to it, and "
+                        "results are self-reported, never verified")
     parser.add_argument("--track", choices=("mlflow", "wandb", "none"),
                         help="record every experiment in MLflow or W&B (scripts/tracking.py; default: "
                         "$AUTORESEARCH_TRACK, else none)")
