@@ -86,7 +86,7 @@ def test_settings_hooks_run_existing_scripts_from_the_project_dir():
     commands = [hook["command"] for groups in settings["hooks"].values() for group in groups for hook in group["hooks"]]
     assert len(commands) == 4
     for command in commands:
-        match = re.fullmatch(r'python3 "\$CLAUDE_PROJECT_DIR/(\.claude/hooks/[\w]+\.py)"', command)
+        match = re.fullmatch(r'python3 "\$\{CLAUDE_PROJECT_DIR:-\.\}/(\.claude/hooks/[\w]+\.py)"', command)
         assert match, command
         script = REPO / match.group(1)
         header = script.read_text().split('"""')[1]

@@ -660,12 +660,12 @@ def check_uv(args, ctx):
             return None
         if args[:1] in (["add"], ["remove"], ["pip"], ["tool"], ["sync"], ["lock"], ["venv"], ["python"]):
             raise Blocked(REASON_INSTALL)
-        raise Blocked(f"Of uv only `uv run scripts/NAME.py` runs here: use the helpers ({HELPERS}).")
+        raise Blocked(f"Of uv only `uv run scripts/<helper>.py` runs here: use the helpers ({HELPERS}).")
     rest = args[1:]
     if not rest or rest[0].startswith("-"):
         if any(arg.startswith("--with") for arg in rest):
             raise Blocked(REASON_INSTALL)
-        raise Blocked(f"Run the helpers as `uv run scripts/NAME.py`, with no uv options ({HELPERS}).")
+        raise Blocked(f"Run the helpers as `uv run scripts/<helper>.py`, with no uv options ({HELPERS}).")
     script, options = rest[0], rest[1:]
     name = os.path.basename(script)
     if name == "train.py":
