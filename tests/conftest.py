@@ -49,3 +49,15 @@ def copy_project(tmp_path):
                     ["config", "user.email", "test@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
         subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
     return repo
+
+
+def client_binary(name, label, require_variable):
+    """node_modules/.bin/<name> (pinned in package-lock.json) as a string; skips the test when it
+    is missing, unless `require_variable` is 1 (as .ci/run sets it), where that is a failure."""
+    path = ROOT / "node_modules" / ".bin" / name
+    if not path.exists():
+        message = f"the {label} CLI is not installed ({path}): run `npm install`"
+        if os.environ.get(require_variable) == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return str(path)

@@ -84,12 +84,9 @@ def _sse_events(step, index):
     yield "message_stop", {"type": "message_stop"}
 
 
-class ScriptedModel:
-    """A Messages-API server on 127.0.0.1 that plays `script`, one step per main-loop request.
-
-    When the script runs out it keeps answering with `fallback` text, so a CLI that goes on
-    past the script ends its turn instead of hanging.
-    """
+class LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 that plays a script of model steps; subclasses give
+    the handler (the API it speaks) and next_step. A context manager: serving inside `with`."""
 
     def __init__(self, script, fallback="Script finished."):
         self.script = list(script)
@@ -114,6 +111,14 @@ class ScriptedModel:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class ScriptedModel(LoopbackServer):
+    """A Messages-API server on 127.0.0.1 that plays `script`, one step per main-loop request.
+
+    When the script runs out it keeps answering with `fallback` text, so a CLI that goes on
+    past the script ends its turn instead of hanging.
+    """
 
     def next_step(self, body):
         """Record `body` and pick the answer: the next script step, or a side answer."""

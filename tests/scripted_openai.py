@@ -18,40 +18,15 @@ Usage (in a test):
 """
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
-from scripted_model import action, text, tool_use  # noqa: F401  (the step makers, re-exported)
+from scripted_model import LoopbackServer, action, text, tool_use  # noqa: F401  (the step makers, re-exported)
 
 FREEFORM_TOOLS = ("apply_patch",)  # Codex's custom tools: the input is raw text, not JSON arguments
 
 
-class ScriptedOpenAI:
+class ScriptedOpenAI(LoopbackServer):
     """A Responses + Chat Completions server on 127.0.0.1 that plays `script`."""
-
-    def __init__(self, script, fallback="Script finished."):
-        self.script = list(script)
-        self.fallback = fallback
-        self.agent_requests = []  # (api, body): "responses" or "chat"
-        self.side_requests = []
-        self.other_paths = []
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self):
-        host, port = self._server.server_address
-        return f"http://{host}:{port}"
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
 
     def next_step(self, api, body):
         with self._lock:

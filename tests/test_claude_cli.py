@@ -19,22 +19,17 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import client_binary  # noqa: E402
 from scripted_model import ScriptedModel, action, new_text, text, tool_results, tool_use  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CLAUDE = REPO / "node_modules" / ".bin" / "claude"
 ALLOWED_TOOLS = "Bash,Read,Edit,Write"  # what an unattended run passes; the hooks still apply
 TRUST_NOTICE = "this workspace has not been trusted"  # the one line an untrusted workspace prints
 
 
 @pytest.fixture(scope="module")
 def claude():
-    if not CLAUDE.exists():
-        message = f"the Claude Code CLI is not installed ({CLAUDE}): run `npm ci`"
-        if os.environ.get("AUTORESEARCH_REQUIRE_CLAUDE") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return str(CLAUDE)
+    return client_binary("claude", "Claude Code", "AUTORESEARCH_REQUIRE_CLAUDE")
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ AUTORESEARCH_REQUIRE_CLIENTS=1 (as in .ci/run), where a missing CLI is a failure
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,12 +19,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import client_binary  # noqa: E402
 from loop_repo import BOWL, description  # noqa: E402
 from scripted_openai import ScriptedOpenAI, all_text, text, tool_outputs, tool_use  # noqa: E402
 from test_claude_cli import FAKE_TRAINING, start_session, workspace  # noqa: E402, F401  (pytest fixture)
 
 REPO = Path(__file__).resolve().parent.parent
-CODEX = REPO / "node_modules" / ".bin" / "codex"
 MODEL = "gpt-5.5"  # a model Codex knows: an unknown name loses the apply_patch tool
 ANSWER = {"hypothesis": "a higher Muon learning rate trains faster in a short budget",
           "description": "matrix lr 0.03 -> 0.045"}
@@ -33,12 +32,7 @@ ANSWER = {"hypothesis": "a higher Muon learning rate trains faster in a short bu
 
 @pytest.fixture(scope="module")
 def codex():
-    if not CODEX.exists():
-        message = f"the Codex CLI is not installed ({CODEX}): run `npm ci`"
-        if os.environ.get("AUTORESEARCH_REQUIRE_CLIENTS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return str(CODEX)
+    return client_binary("codex", "Codex", "AUTORESEARCH_REQUIRE_CLIENTS")
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ checkout must stay as it was.
 import json
 import os
 import sys
-from pathlib import Path
 
 from lanes_repo import FAKE_LOOP, FAKE_TRAIN, LanesRepo
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import client_binary  # noqa: E402
 from loop_repo import BOWL, description  # noqa: E402
 from scripted_openai import ScriptedOpenAI, all_text, text, tool_outputs, tool_use  # noqa: E402
 from test_claude_cli import start_session, workspace  # noqa: E402, F401  (pytest fixture)
 
 REPO = Path(__file__).resolve().parent.parent
-OPENCODE = REPO / "node_modules" / ".bin" / "opencode"
 PLUGIN_VERSION = "1.18.33"  # the opencode-ai version in package-lock.json
 # OpenCode's skill and search tools run ripgrep: `rg` from PATH, else one it downloads. Offline,
 # the one Codex's npm package carries (pinned in the same lock) stands in for a system ripgrep.
@@ -37,12 +37,7 @@ ANSWER = {"hypothesis": "a higher Muon learning rate trains faster in a short bu
 
 @pytest.fixture(scope="module")
 def opencode():
-    if not OPENCODE.exists():
-        message = f"the OpenCode CLI is not installed ({OPENCODE}): run `npm ci`"
-        if os.environ.get("AUTORESEARCH_REQUIRE_CLIENTS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return str(OPENCODE)
+    return client_binary("opencode", "OpenCode", "AUTORESEARCH_REQUIRE_CLIENTS")
 
 
 @pytest.fixture
