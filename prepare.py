@@ -683,10 +683,17 @@ def get_token_bytes(device="cpu"):
     return torch.from_numpy(np.load(require_prepared_dir() / "token_bytes.npy")).to(device)
 
 
-def make_dataloader(batch_size, device="cpu", seed=None):
+def make_dataloader(batch_size, device="cpu", seed=None, rank=0, world_size=1):
     """Training batches forever: yields (inputs, targets, epoch), each (batch_size, MAX_SEQ_LEN)
-    int64 on `device`. Reads the token cache only; the order depends on the seed."""
+    int64 on `device`. Reads the token cache only; the order depends on the seed.
+
+    Under torchrun each of the world_size ranks gets its own rows: every rank packs the same seeded
+    stream and keeps the rows whose index is its rank modulo world_size. So the ranks' batches are
+    disjoint, and together they are exactly the rows one process with world_size times the batch
+    would see (packing the whole stream costs each rank well under a millisecond per row)."""
     import torch
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
     folder = require_prepared_dir()
     seq_len = manifest()["max_seq_len"]
     cache = TokenCache(folder, "train")
@@ -697,7 +704,11 @@ def make_dataloader(batch_size, device="cpu", seed=None):
     batch = np.empty((batch_size, seq_len + 1), dtype=np.uint16)
     while True:
         for index in range(batch_size):
+            for _ in range(rank):
+                next(rows)
             batch[index], epoch = next(rows)
+            for _ in range(world_size - 1 - rank):
+                next(rows)
         host = torch.from_numpy(batch.astype(np.int64))
         if on_cuda:
             host = host.pin_memory()

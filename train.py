@@ -7,6 +7,7 @@ the budget and the metric come from prepare.py, which nobody edits.
 Usage:
     uv run train.py                        # after `uv run prepare.py` (or `--dataset builtin`)
     AUTORESEARCH_SEED=7 uv run train.py    # the same experiment under another seed
+    uv run python -m torch.distributed.run --standalone --nproc_per_node=8 train.py   # 8 GPUs, one experiment
 
 It prints progress, then ends with the `---` summary block that the helpers parse
 (`grep "^val_bpb:" run.log`). Exit code 3 means the loss went NaN or exploded (fast fail).
@@ -16,6 +17,7 @@ and the helper appends the referee's val_bpb, scored from the model saved here, 
 
 import gc
 import math
+import os
 import platform
 import sys
 import time
@@ -396,11 +398,54 @@ def warn(message):
     print(f"{bar}\nWARNING: {message}\n{bar}", flush=True)
 
 
+def start_distributed(device):
+    """(rank, world_size, device): under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK)
+    one process per GPU joins a process group, NCCL on CUDA and gloo on the CPU; otherwise (0, 1,
+    device) and nothing changes. Only rank 0 prints: the others' stdout goes to /dev/null (their
+    errors still reach stderr, and torchrun ends every rank when one fails)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank, local_world_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        # The cores are shared out: 2 ranks on 2 cores run one thread each, as one process runs two.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size))
+        dist.init_process_group("gloo")
+    if rank:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world_size, device
+
+
+def combine_ranks(loss, seconds, world_size, device):
+    """One step's mean loss over the ranks and what it costs the budget, the same numbers on every
+    rank (an all-reduce), so that every rank sets the same learning rate, fails fast together and
+    stops after the same step. On the cpu profile the budget is CPU time, and the ranks' CPU seconds
+    add up: 2 one-thread ranks get the compute one 2-thread process gets. Wall time passes for all
+    ranks at once: the mean of theirs."""
+    import torch.distributed as dist
+    both = torch.tensor([loss, seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(both)
+    loss_sum, seconds_sum = both.tolist()
+    return loss_sum / world_size, seconds_sum if PROFILE == "cpu" else seconds_sum / world_size
+
+
+def end_distributed():
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main():
     started = time.time()
     seed = run_seed()
     torch.manual_seed(seed)
-    device = detect_device()
+    rank, world_size, device = start_distributed(detect_device())
+    distributed = "RANK" in os.environ
     on_cuda = device.type == "cuda"
     use_bf16 = on_cuda and torch.cuda.is_bf16_supported()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -419,30 +464,46 @@ def main():
     optimizer = build_optimizer(model)
     model.attention_functions(MAX_SEQ_LEN, model.wte.weight.device)  # block masks built before compiling
     forward = torch.compile(model, dynamic=False) if on_cuda else model
+    train_forward = forward
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        # DDP averages the gradients over the ranks, so every rank's Muon and AdamW take the same
+        # step from the same gradient and the weights stay identical (tests/test_ddp.py checks it)
+        train_forward = DistributedDataParallel(forward, device_ids=[device.index] if on_cuda else None)
 
-    tokens_per_pass = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+    # Each rank runs its share of the batch: fewer accumulation passes, or, when one pass per rank is
+    # already more than its share, a smaller pass (the cpu profile's 32 rows on 2 ranks: 16 each).
+    device_batch_size = DEVICE_BATCH_SIZE if world_size == 1 else \
+        min(DEVICE_BATCH_SIZE, max(TOTAL_BATCH_SIZE // (world_size * MAX_SEQ_LEN), 1))
+    tokens_per_pass = world_size * device_batch_size * MAX_SEQ_LEN
     if TOTAL_BATCH_SIZE % tokens_per_pass:
-        raise SystemExit(f"TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN = {tokens_per_pass}")
+        raise SystemExit(f"TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of world size * DEVICE_BATCH_SIZE * MAX_SEQ_LEN = {tokens_per_pass}")
     accumulation = TOTAL_BATCH_SIZE // tokens_per_pass
     flops_per_token, upstream_flops_per_token = model.flops_per_token(), model.flops_per_token(causal=False)
     peak, mfu_basis = peak_flops(device)
+    if peak:
+        peak *= world_size  # MFU of the whole job: every rank's GPU counts
     # The first steps compile kernels (CUDA) or warm caches; they are not charged to the budget.
     untimed_steps = 10 if on_cuda else 1
     print(f"device {device} ({'bf16, compiled' if use_bf16 else 'float32, eager'}), profile {PROFILE}, seed {seed}")
     print(f"model: depth {DEPTH}, width {width}, heads {config.n_head}, windows {model.windows}, "
           f"{total_params / 1e6:.1f}M parameters ({dense_params / 1e6:.1f}M outside embeddings)")
-    print(f"batch: {TOTAL_BATCH_SIZE:,} tokens per step = {accumulation} x {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN}; budget {TIME_BUDGET}s", flush=True)
+    ranks = f" x {world_size} ranks" if world_size > 1 else ""
+    print(f"batch: {TOTAL_BATCH_SIZE:,} tokens per step = {accumulation} x {device_batch_size} x {MAX_SEQ_LEN}{ranks}; budget {TIME_BUDGET}s", flush=True)
 
-    loader = make_dataloader(DEVICE_BATCH_SIZE, device, seed=seed)
+    loader = make_dataloader(device_batch_size, device, seed=seed, rank=rank, world_size=world_size)
     inputs, targets, epoch = next(loader)
     # The budget is charged on prepare's clock: CPU time on the cpu profile, wall time on a GPU.
     training_seconds, training_wall_seconds, step, smooth_loss = 0.0, 0.0, 0, None
     while True:
         step_start, step_wall_start = training_clock(), time.time()
-        for _ in range(accumulation):
-            with autocast:
-                loss = forward(inputs, targets)
-            (loss / accumulation).backward()
+        for micro_step in range(accumulation):
+            # under DDP the gradients are all-reduced once, in the backward of the last pass
+            last_pass = micro_step == accumulation - 1
+            with train_forward.no_sync() if distributed and not last_pass else nullcontext():
+                with autocast:
+                    loss = train_forward(inputs, targets)
+                (loss / accumulation).backward()
             last_loss = loss.detach()
             inputs, targets, epoch = next(loader)
         progress = min(training_seconds / TIME_BUDGET, 1.0)
@@ -455,10 +516,12 @@ def main():
         optimizer.step()
         model.zero_grad(set_to_none=True)
         loss_value = last_loss.item()  # waits for the step to finish (so the clock needs no synchronize)
+        step_seconds, step_wall_seconds = training_clock() - step_start, time.time() - step_wall_start
+        if distributed:
+            loss_value, step_seconds = combine_ranks(loss_value, step_seconds, world_size, device)
         if not math.isfinite(loss_value) or loss_value > FAST_FAIL_LOSS:
             print(f"fast_fail: training loss {loss_value} at step {step}", flush=True)
             sys.exit(3)
-        step_seconds, step_wall_seconds = training_clock() - step_start, time.time() - step_wall_start
         if step >= untimed_steps:
             training_seconds += step_seconds
             training_wall_seconds += step_wall_seconds
@@ -479,6 +542,11 @@ def main():
             break
 
     timed_steps = max(step - untimed_steps, 1)
+    if rank:
+        # rank 0 evaluates, saves the model for the referee and prints the summary; the others wait
+        # for it, so that nothing they print on their way out lands inside its summary block
+        end_distributed()
+        return
     # val_bpb in-process when the evaluation data is readable (None under the helpers' sandbox),
     # and the model saved for the referee when the helpers ask for it.
     scores = evaluate_and_save(model, forward, DEVICE_BATCH_SIZE, autocast)
@@ -509,6 +577,9 @@ def main():
     print(f"device:           {torch.cuda.get_device_name(device) if on_cuda else platform.processor() or device.type}")
     print(f"profile:          {PROFILE}")
     print(f"seed:             {seed}")
+    if distributed:
+        print(f"world_size:       {world_size}", flush=True)
+        end_distributed()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""train.py under torchrun: DistributedDataParallel on the CPU with gloo, two ranks on the cpu profile.
+
+Each test starts real processes (`python -m torch.distributed.run`, which is torchrun) against the
+prepared builtin cache; the fixtures in tests/fixtures/ddp/ run train.py's own main()."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_prepare
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import common  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures" / "ddp"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def run(command, cache, timeout=240, **extra_env):
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), **extra_env)
+    env.pop("RANK", None)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def summary(stdout):
+    block = stdout.split("\n---\n", 1)[1]
+    return dict(re.match(r"^(\w+):\s+(.*)$", line).groups() for line in block.strip().splitlines())
+
+
+@pytest.fixture(scope="module")
+def cache_20s(tmp_path_factory):
+    """The builtin corpus with a 20 CPU-second budget: 5 s is 4 steps, where one step more or less
+    moves val_bpb by 0.1; at 20 s (16 steps) a step is worth about 0.04."""
+    cache = tmp_path_factory.mktemp("cache-20s")
+    result = run_prepare(cache, "--dataset", "builtin", "--profile", "cpu", "--time-budget", "20",
+                         "--eval-tokens", str(16 * 256))
+    assert result.returncode == 0, result.stderr
+    return cache
+
+
+def test_two_ranks_print_one_summary_block_within_the_noise_of_one_process(cache_20s):
+    # The same 20 CPU-second budget: one process with 2 threads, then 2 one-thread ranks whose CPU
+    # seconds add up to it. Both see the same rows at every step (rank-strided batches).
+    alone = run([sys.executable, "train.py"], cache_20s)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    ranks = run([*TORCHRUN, "train.py"], cache_20s)
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    assert ranks.stdout.count("\n---\n") == 1 and ranks.stdout.count("device cpu") == 1  # rank 0 alone prints
+    assert "x 2 ranks" in ranks.stdout
+    one, two = summary(alone.stdout), summary(ranks.stdout)
+    assert two["world_size"] == "2" and "world_size" not in one
+    assert two["clock"] == "cpu_time" and float(two["training_seconds"]) >= 20.0
+    # Measured on this 2-core machine under load (20 CPU s): one process 2.212 and 2.204 (16 steps),
+    # two ranks 2.253 (15 steps) and 2.210 (16). The tolerance is one step's worth and a half.
+    assert abs(float(two["val_bpb"]) - float(one["val_bpb"])) < 0.06, (one["val_bpb"], two["val_bpb"])
+    assert abs(int(two["num_steps"]) - int(one["num_steps"])) <= 2
+
+
+def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(builtin_cache, tmp_path):
+    alone, ranks = tmp_path / "alone", tmp_path / "ranks"
+    alone.mkdir(), ranks.mkdir()
+    script = str(FIXTURES / "train_two_steps.py")
+    result = run([sys.executable, script], builtin_cache, DDP_WEIGHTS=str(alone))
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = tmp_path / "out" / "model.pt2"
+    model.parent.mkdir()
+    result = run([*TORCHRUN, script], builtin_cache, DDP_WEIGHTS=str(ranks), AUTORESEARCH_EXPORT=str(model))
+    assert result.returncode == 0, result.stderr[-2000:]
+    values = summary(result.stdout)
+    assert values["num_steps"] == "2" and values["world_size"] == "2"
+    # rank 0 saved the unwrapped model, once, and the referee scores it to train.py's number
+    assert sorted(p.name for p in model.parent.iterdir()) == ["model.json", "model.pt2"]
+    from test_train import referee
+    scored = referee(model, builtin_cache)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert float(re.search(r"^val_bpb: (\S+)$", scored.stdout, re.M).group(1)) == \
+        pytest.approx(float(values["val_bpb"]), abs=2e-6)
+    reference = torch.load(alone / "rank0.pt")
+    rank0, rank1 = torch.load(ranks / "rank0.pt"), torch.load(ranks / "rank1.pt")
+    # every rank applied the very same update: the weights are identical, bit for bit
+    for name, weight in rank0["weights"].items():
+        assert torch.equal(weight, rank1["weights"][name]), name
+    # DDP's averaged gradient is the gradient of the whole batch (a sum instead of a mean, or
+    # the ranks reading the same rows, would fail here: Muon and AdamW are nearly blind to scale)
+    for name, gradient in reference["first_gradients"].items():
+        scale = gradient.abs().max().item()
+        torch.testing.assert_close(rank0["first_gradients"][name], gradient, rtol=1e-4, atol=1e-5 * scale)
+    # after two steps (Muon's momentum and NorMuon's second moment included) the weights agree within
+    # float tolerance; AdamW's first steps are about lr * sign(gradient), so an embedding entry whose
+    # gradient is near zero may move differently: measured 0.13% of the embedding tables, none elsewhere
+    for name, weight in reference["weights"].items():
+        close = torch.isclose(rank0["weights"][name], weight, rtol=0, atol=1e-5)
+        assert close.float().mean().item() > 0.995, (name, close.float().mean().item())
+        if name.startswith("blocks."):
+            assert (~close).sum().item() <= 2, name  # Muon: at most a cautious-weight-decay sign flip
+
+
+def test_a_crash_on_one_rank_ends_every_rank_and_is_triaged_as_a_crash(builtin_cache):
+    started = time.monotonic()
+    result = run([*TORCHRUN, str(FIXTURES / "crash_on_rank_1.py")], builtin_cache, timeout=120)
+    elapsed = time.monotonic() - started
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "[rank1]: RuntimeError: rank 1 broke at step 2" in log
+    assert "\n---\n" not in log  # rank 0 did not carry on to a summary
+    assert elapsed < 60, elapsed  # rank 0, blocked in the all-reduce, does not wait for a timeout
+    failure = common.triage(log, result.returncode, timed_out=False)
+    assert failure["kind"] == "exception", failure
