@@ -111,3 +111,22 @@ def test_a_crash_on_one_rank_ends_every_rank_and_is_triaged_as_a_crash(builtin_c
     assert elapsed < 60, elapsed  # rank 0, blocked in the all-reduce, does not wait for a timeout
     failure = common.triage(log, result.returncode, timed_out=False)
     assert failure["kind"] == "exception", failure
+
+
+def test_each_rank_gets_its_own_rows_and_together_the_rows_of_one_process(builtin_cache):
+    result = run([sys.executable, "-c", """
+import numpy as np, prepare
+whole = prepare.make_dataloader(8, seed=3)
+ranks = [prepare.make_dataloader(4, seed=3, rank=rank, world_size=2) for rank in range(2)]
+for _ in range(3):
+    inputs, targets, _ = next(whole)
+    parts = [next(loader)[0].numpy() for loader in ranks]
+    assert not {row.tobytes() for row in parts[0]} & {row.tobytes() for row in parts[1]}
+    assert (np.stack(parts, axis=1).reshape(8, -1) == inputs.numpy()).all()  # rows 0, 2, .. and 1, 3, ..
+try:
+    next(prepare.make_dataloader(4, rank=2, world_size=2))
+except ValueError as error:
+    print(error)
+"""], builtin_cache)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "rank 2 is outside a world of 2"
