@@ -33,6 +33,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import runner  # noqa: E402
 import tracking  # noqa: E402
 
 
@@ -60,8 +61,8 @@ def close_interrupted(pending):
     a crash summary. Returns the experiment's commit, or None when it never got committed."""
     pgid = pending.get("training_pgid")
     same_machine = pending.get("host") == os.uname().nodename and pending.get("boot_id") == common.boot_id()
-    if pgid and same_machine and common.process_group_alive(pgid):
-        common.stop_process_group(pgid)
+    if pgid and same_machine and runner.process_group_alive(pgid):
+        runner.stop_process_group(pgid)
     commit = pending.get("commit")
     if commit is None:
         head = common.head_commit()
@@ -144,7 +145,7 @@ def decide_pending(action, force):
         status, forced = pending["status"], False
     elif action == "keep":
         # a helper, a hook, prepare.py or any byte of the prepared data changed since the experiment: stop here
-        common.check_pins(session, data="full")
+        runner.check_pins(session, data="full")
         refusal = keep_refusal(summary, pending, rows, session)
         if refusal and not (force and refusal[1]):
             raise common.Refusal(refusal[0] + ("" if refusal[1] else " (--force cannot override this)"))
@@ -182,7 +183,7 @@ def decide_pending(action, force):
     if status == "keep" and decision.get("new_best"):
         score_held_out(pending, summary, session)
     if status != "keep":
-        common.delete_saved_models(run_dirs_of(pending, summary))
+        runner.delete_saved_models(run_dirs_of(pending, summary))
     if target:
         common.reset_hard(target)
     common.PENDING_FILE.unlink(missing_ok=True)
@@ -213,8 +214,8 @@ def stop_orphaned_confirmation(pending):
     confirmation = pending.get("confirmation") or {}
     pgid = confirmation.get("training_pgid")
     same_machine = confirmation.get("host") == os.uname().nodename and confirmation.get("boot_id") == common.boot_id()
-    if pgid and same_machine and confirmation.get("state") == "running" and common.process_group_alive(pgid):
-        common.stop_process_group(pgid)
+    if pgid and same_machine and confirmation.get("state") == "running" and runner.process_group_alive(pgid):
+        runner.stop_process_group(pgid)
 
 
 def score_held_out(pending, summary, session):
@@ -227,8 +228,8 @@ def score_held_out(pending, summary, session):
     samples = (summary or {}).get("samples") or [{"run": os.path.basename(pending["run_dir"]), "referee": None}]
     first = samples[0]
     manifest = common.load_manifest() or {}
-    timeout = common.default_timeout(manifest) if common.is_finite_number(manifest.get("time_budget")) else 3600
-    scored = common.score_saved_model(common.RUNS_DIR / first["run"], "test", session, timeout)
+    timeout = runner.default_timeout(manifest) if common.is_finite_number(manifest.get("time_budget")) else 3600
+    scored = runner.score_saved_model(common.RUNS_DIR / first["run"], "test", session, timeout)
     referee = first.get("referee") or {}
     val_of_model = referee.get("bpb") if referee.get("status") == "verified" else first.get("val_bpb")
     records.append({

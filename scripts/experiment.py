@@ -14,7 +14,7 @@ tree, else wall time) and stops it past the budget plus the allowance setup meas
 Then the referee scores the model the run saved (out/model.pt2): a copy of the pinned prepare.py,
 run with `python -I` in an empty folder, in the sandbox with everything read-only. Its number is
 the result (appended to run.log as `val_bpb:`); a model it refuses or that looks ahead, or a
-number printed by train.py that disagrees with it by more than common.REFEREE_TOLERANCE_BPB,
+number printed by train.py that disagrees with it by more than runner.REFEREE_TOLERANCE_BPB,
 makes the experiment `invalid`. With setup's --no-referee the number is train.py's own, labelled
 self-reported, and never verified. summary.json records the protections and whether the result
 is `verified`; the result line names any protection that was off.
@@ -47,6 +47,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import runner  # noqa: E402
 import tracking  # noqa: E402  (MLflow or W&B when the session tracks; costs nothing otherwise)
 
 DEFAULT_SEED = 42  # train.py's own default for AUTORESEARCH_SEED
@@ -72,7 +73,7 @@ def check_preconditions(session, confirming=False):
     if others:
         raise common.Refusal(f"only train.py may change, but these differ from HEAD: {', '.join(others)} "
                              f"(revert: git checkout HEAD -- {' '.join(others)})")
-    common.check_pins(session, data=True)  # the data by size, time and inode where large
+    runner.check_pins(session, data=True)  # the data by size, time and inode where large
     manifest = common.require_manifest()
     for key in ("profile", "dataset"):
         if manifest.get(key) != session.get(key):
@@ -131,7 +132,7 @@ def cuda_version(torch):
 
 
 def sample_of(run_dir, seed, run):
-    """One run of an experiment: val_bpb is the number that counts (the referee's, see common.score_run),
+    """One run of an experiment: val_bpb is the number that counts (the referee's, see runner.score_run),
     claimed what train.py printed (None under the sandbox, which hides the evaluation data)."""
     return {"run": run_dir.name, "seed": seed, "val_bpb": run["value"], "claimed": run["val_bpb"],
             "referee": run["referee"], "compute_seconds": run["compute_seconds"]}
@@ -156,7 +157,7 @@ def record_protections(summary, samples, guards):
     and nothing was lowered."""
     summary["protections"] = guards
     summary["verified"] = summary["referee"] == "verified" and all(
-        common.is_verified(guards, (sample.get("referee") or {}).get("status"))
+        runner.is_verified(guards, (sample.get("referee") or {}).get("status"))
         for sample in samples if not sample.get("noise"))
 
 
@@ -243,11 +244,11 @@ def run_experiment(args):
     session = common.require_session()
     changed, manifest = check_preconditions(session)
     rows = common.read_ledger()  # a corrupt ledger is refused now, not after an hour of training
-    timeout = args.timeout or common.default_timeout(manifest)
+    timeout = args.timeout or runner.default_timeout(manifest)
     seed = args.seed if args.seed is not None else int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED))
     command = common.training_command(args.train_command)
     parent = common.head_commit()
-    number = f"{common.next_run_number():04d}"
+    number = f"{runner.next_run_number():04d}"
     pending = {"id": number, "state": "starting", "description": description, "parent": parent,
                "started_at": common.now_iso(), **common.process_marker()}
     common.write_json_atomic(common.PENDING_FILE, pending)  # before the commit: a kill from here on is noticed
@@ -258,7 +259,7 @@ def run_experiment(args):
     except common.GitError:
         common.PENDING_FILE.unlink()  # nothing was committed: nothing is pending
         raise
-    run_dir = common.new_run_dir(commit)
+    run_dir = runner.new_run_dir(commit)
     run_log = run_dir / "run.log"
     pending.update(state="running", commit=commit, run_dir=str(run_dir.relative_to(common.ROOT)))
     common.write_json_atomic(common.PENDING_FILE, pending)
@@ -271,8 +272,8 @@ def run_experiment(args):
         pending["training_pgid"] = pid
         common.write_json_atomic(common.PENDING_FILE, pending)
 
-    run = common.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid)
-    common.score_run(run, run_dir, session, timeout)  # every run is scored by the referee: its number decides
+    run = runner.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid)
+    runner.score_run(run, run_dir, session, timeout)  # every run is scored by the referee: its number decides
     if not linked:
         common.RUN_LOG.write_bytes(run_log.read_bytes())
     peak_vram_mb = run["metrics"].get("peak_vram_mb")
@@ -309,10 +310,10 @@ def run_experiment(args):
         record_protections(summary, summary["samples"], run["protections"])
         changed_session = False
         if noise_runs:  # this run is one more sample of the noise
-            changed_session = common.record_noise_sample(session, run_dir.name, commit, seed, run["value"])
+            changed_session = runner.record_noise_sample(session, run_dir.name, commit, seed, run["value"])
             summary["noise_bpb"] = common.noise_band(session)
         if commit == session["start_commit"]:  # the human's code: its overhead sets the compute allowance
-            common.record_overhead(session, run)
+            runner.record_overhead(session, run)
             changed_session = True
         if changed_session:
             common.write_json_atomic(common.SESSION_FILE, session)
@@ -351,9 +352,9 @@ def confirm(args):
         raise common.Refusal(f"HEAD is {common.head_commit()[:7]}, not experiment {pending['id']}'s commit "
                              f"{commit[:7]}: git checkout it, or discard")
     rows = common.read_ledger()
-    timeout = args.timeout or common.default_timeout(manifest)
-    seed = common.next_seed({sample["seed"] for sample in summary["samples"]}, summary["seed"] + 1)
-    run_dir = common.new_run_dir(commit)
+    timeout = args.timeout or runner.default_timeout(manifest)
+    seed = runner.next_seed({sample["seed"] for sample in summary["samples"]}, summary["seed"] + 1)
+    run_dir = runner.new_run_dir(commit)
     pending["confirmation"] = {"state": "running", "run_dir": str(run_dir.relative_to(common.ROOT)), "seed": seed,
                                **common.process_marker()}
     common.write_json_atomic(common.PENDING_FILE, pending)
@@ -366,8 +367,8 @@ def confirm(args):
 
     command = common.training_command(args.train_command)
     started_at = common.now_iso()
-    run = common.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid)
-    common.score_run(run, run_dir, session, timeout)
+    run = runner.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid)
+    runner.score_run(run, run_dir, session, timeout)
     common.write_json_atomic(run_dir / "summary.json", {
         "id": run_dir.name[:4], "kind": "confirmation", "confirms": pending["run_dir"].split("/")[-1],
         "description": f"confirmation of {pending['id']}: {pending['description']}", "commit": commit,
@@ -404,7 +405,7 @@ def main():
                         "the mean of its runs")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help=f"kill training after this long (default: 2 x the prepared time budget "
-                        f"+ {common.TIMEOUT_MARGIN_SECONDS} s)")
+                        f"+ {runner.TIMEOUT_MARGIN_SECONDS} s)")
     parser.add_argument("--seed", type=int, help="AUTORESEARCH_SEED for training (default: the "
                         f"environment's AUTORESEARCH_SEED, else {DEFAULT_SEED})")
     parser.add_argument("--train-command", metavar="CMD", help="the training command (default: "

@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import runner  # noqa: E402
 import dispatch  # noqa: E402
 
 LANES_DIR = common.RUNS_DIR / "lanes"  # TAG.json (the set) and TAG/lane<k>/ (the worktrees)
@@ -317,13 +318,13 @@ def command_stop(args):
     for lane in lanes["lanes"]:
         pid = loop_process(lane)
         if pid:
-            common.stop_process_group(pid)
+            runner.stop_process_group(pid)
             left.append(lane["name"])
         cancelled += dispatch.cancel_in_flight(lane_path(lane), reason="lanes.py stop --now")
         pending = common.read_json(lane_path(lane) / "runs" / "pending.json") or {}
         pgid = pending.get("training_pgid")  # local training of a killed experiment.py
-        if pgid and pending.get("boot_id") == common.boot_id() and common.process_group_alive(pgid):
-            common.stop_process_group(pgid)
+        if pgid and pending.get("boot_id") == common.boot_id() and runner.process_group_alive(pgid):
+            runner.stop_process_group(pgid)
     extra = f"; cancelled {len(cancelled)} job(s) left behind" if cancelled else ""
     forced = f"; killed {', '.join(left)} after {STOP_WAIT_SECONDS} s" if left else ""
     print(f"lanes {lanes['tag']}: {sum(1 for pid in loops.values() if pid)} loops stopped{extra}{forced}; "

@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import runner  # noqa: E402
 import proposers  # noqa: E402
 
 # ---------------------------------------------------------------------------
@@ -685,8 +686,8 @@ class Loop:
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            if common.process_group_alive(process.pid):
-                common.stop_process_group(process.pid, grace=2, reap=process.poll)
+            if runner.process_group_alive(process.pid):
+                runner.stop_process_group(process.pid, grace=2, reap=process.poll)
             process.wait()
         self.state["agent_process"] = None
         return process.returncode, timed_out
@@ -695,8 +696,8 @@ class Loop:
         """Stop an agent whose loop was killed (its process group, if it still runs on this machine)."""
         agent = self.state.get("agent_process")
         if agent and agent.get("boot_id") == common.boot_id() and agent.get("host") == os.uname().nodename:
-            if common.process_group_alive(agent["pgid"]):
-                common.stop_process_group(agent["pgid"], grace=2)
+            if runner.process_group_alive(agent["pgid"]):
+                runner.stop_process_group(agent["pgid"], grace=2)
         self.state["agent_process"] = None
 
 

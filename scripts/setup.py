@@ -14,7 +14,7 @@ seeds (pooled over commits). `--measure-noise` adds runs of HEAD to an existing 
 
 The noise runs of the starting commit (the human's code) also measure the compute a run needs
 beyond its budget (start-up, evaluation, export); every later run may use the budget plus a
-bounded allowance derived from it (common.allowance_from), and is stopped and `invalid` past that.
+bounded allowance derived from it (runner.allowance_from), and is stopped and `invalid` past that.
 
 It also checks once whether training can run in the sandbox (bubblewrap: see experiment.py) and
 says so when it cannot; --no-sandbox turns it off, --no-referee turns off the referee (train.py
@@ -38,6 +38,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import runner  # noqa: E402
 import tracking  # noqa: E402
 
 MEMORY_FILES = {  # template name -> where setup puts it
@@ -117,17 +118,17 @@ def measure_noise(session, commit, count, command=None, timeout=None):
     compute beyond the budget to the overheads that set the allowance.
     Returns (the number of runs that finished, a line about the first that did not, or None)."""
     manifest = common.require_manifest()
-    timeout = timeout or common.default_timeout(manifest)
+    timeout = timeout or runner.default_timeout(manifest)
     command = command or common.training_command()
     finished, problem = 0, None
     for _ in range(count):
         used = {sample["seed"] for sample in session.get("noise_runs") or [] if sample["commit"] == commit}
-        seed = common.next_seed(used, NOISE_SEED_START)
-        run_dir = common.new_run_dir(commit)
+        seed = runner.next_seed(used, NOISE_SEED_START)
+        run_dir = runner.new_run_dir(commit)
         started_at = common.now_iso()
-        run = common.train_run(run_dir, command, seed, timeout, session)
-        common.score_run(run, run_dir, session, timeout)
-        common.delete_saved_models([run_dir])
+        run = runner.train_run(run_dir, command, seed, timeout, session)
+        runner.score_run(run, run_dir, session, timeout)
+        runner.delete_saved_models([run_dir])
         common.write_json_atomic(run_dir / "summary.json", {
             "id": run_dir.name[:4], "kind": "noise", "description": f"noise run of {commit[:7]} (seed {seed})",
             "commit": commit, "seed": seed, "status": run["status"],
@@ -141,9 +142,9 @@ def measure_noise(session, commit, count, command=None, timeout=None):
         if run["status"] != "ok":
             problem = f"noise run {run_dir.name} {run['status']} ({run['failure']['kind']}: {run['failure']['detail']})"
             break
-        common.record_noise_sample(session, run_dir.name, commit, seed, run["value"])
+        runner.record_noise_sample(session, run_dir.name, commit, seed, run["value"])
         if commit == session["start_commit"]:
-            common.record_overhead(session, run)
+            runner.record_overhead(session, run)
         common.write_json_atomic(common.SESSION_FILE, session)  # after each run: a kill keeps what was measured
         finished += 1
     return finished, problem
@@ -162,7 +163,7 @@ def measure_noise_again(count):
     if changed:
         raise common.Refusal(f"uncommitted changes to tracked files ({', '.join(changed)}): the noise runs "
                              "train HEAD as committed; commit or revert them first")
-    common.check_pins(session, data=True)
+    runner.check_pins(session, data=True)
     before = common.noise_band(session)
     finished, problem = measure_noise(session, common.head_commit(), count)
     print(f"noise {common.noise_summary(session)} after {finished} more run{'s' * (finished != 1)} of "
@@ -247,15 +248,15 @@ def main():
     common.git("checkout", "-q", "-b", branch)
     common.ensure_ledger()
     create_memory_files()
-    sandbox = "off" if args.no_sandbox else common.sandbox_state({})
+    sandbox = "off" if args.no_sandbox else runner.sandbox_state({})
     session = {
         "tag": args.tag,
         "branch": branch,
         "start_commit": start_commit,
         "prepare_sha256": common.sha256_file(common.PREPARE_FILE),
-        "helper_sha256": common.helper_hashes(),
-        "protocol_sha256": common.protocol_hashes(),  # .claude/settings.json and .claude/hooks/*
-        "data_pins": common.data_pins(),  # every prepared file: sha256, size, mtime_ns, inode
+        "helper_sha256": runner.helper_hashes(),
+        "protocol_sha256": runner.protocol_hashes(),  # .claude/settings.json and .claude/hooks/*
+        "data_pins": runner.data_pins(),  # every prepared file: sha256, size, mtime_ns, inode
         "profile": manifest.get("profile"),
         "dataset": manifest.get("dataset"),
         "time_budget": manifest.get("time_budget"),

@@ -20,7 +20,7 @@ import pytest
 PROJECT = Path(__file__).resolve().parent.parent
 FAKES = PROJECT / "tests" / "fixtures" / "fake_train"
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
-KILL_GRACE = 5  # common.KILL_GRACE_SECONDS
+KILL_GRACE = 5  # runner.KILL_GRACE_SECONDS
 
 
 def fake(name, *args):

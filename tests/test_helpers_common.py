@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import common  # noqa: E402
+import runner  # noqa: E402
 
 SUMMARY = """step 00950 | loss 3.2
 ---
@@ -148,26 +149,26 @@ def test_pooled_noise_is_the_spread_within_each_commit():
 
 def test_referee_verdict_tolerance():
     scored = {"status": "scored", "bpb": 1.0, "detail": None, "seconds": 1.0, "log": "x"}
-    assert common.referee_verdict(1.0 + common.REFEREE_TOLERANCE_BPB / 2, scored)["status"] == "verified"
-    caught = common.referee_verdict(0.5, scored)
+    assert runner.referee_verdict(1.0 + runner.REFEREE_TOLERANCE_BPB / 2, scored)["status"] == "verified"
+    caught = runner.referee_verdict(0.5, scored)
     assert caught["status"] == "invalid" and "printed val_bpb 0.500000" in caught["detail"]
-    assert common.referee_verdict(1.0, dict(scored, status="failed", detail="no model.pt2"))["status"] == "unverified"
-    assert common.referee_verdict(1.0, dict(scored, status="invalid", detail="invalid: not causal"))["status"] == "invalid"
+    assert runner.referee_verdict(1.0, dict(scored, status="failed", detail="no model.pt2"))["status"] == "unverified"
+    assert runner.referee_verdict(1.0, dict(scored, status="invalid", detail="invalid: not causal"))["status"] == "invalid"
 
 
 def test_referee_verdict_without_a_number_of_train_pys_own():
     scored = {"status": "scored", "bpb": 1.0, "detail": None, "seconds": 1.0, "log": "x"}
-    assert common.referee_verdict(None, scored)["status"] == "verified"
+    assert runner.referee_verdict(None, scored)["status"] == "verified"
 
 
 def test_the_allowance_follows_the_measured_overhead_within_its_bounds():
-    assert common.allowance_from([0.05, 0.1], 2) == pytest.approx(0.5)  # the floor
-    assert common.allowance_from([8.0], 90) == pytest.approx(1.5 * 8 + 9)
-    assert common.allowance_from([500.0], 90) == common.ALLOWANCE_MAX_SECONDS  # the cap: two minutes
-    assert common.allowance_from([500.0], 300) == 300  # or the budget again, if more
-    assert common.compute_limit({"time_budget": 90}) == 90 + 120  # not measured yet: the cap
-    assert common.compute_limit({"time_budget": 90, "allowance_s": 21.0}) == 111
-    assert common.compute_limit({}) is None
+    assert runner.allowance_from([0.05, 0.1], 2) == pytest.approx(0.5)  # the floor
+    assert runner.allowance_from([8.0], 90) == pytest.approx(1.5 * 8 + 9)
+    assert runner.allowance_from([500.0], 90) == runner.ALLOWANCE_MAX_SECONDS  # the cap: two minutes
+    assert runner.allowance_from([500.0], 300) == 300  # or the budget again, if more
+    assert runner.compute_limit({"time_budget": 90}) == 90 + 120  # not measured yet: the cap
+    assert runner.compute_limit({"time_budget": 90, "allowance_s": 21.0}) == 111
+    assert runner.compute_limit({}) is None
 
 
 def test_the_process_tree_counts_every_descendant(tmp_path):
@@ -176,22 +177,22 @@ def test_the_process_tree_counts_every_descendant(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     try:
         for _ in range(200):
-            tree = common.descendants(parent.pid, common.process_table())
+            tree = runner.descendants(parent.pid, runner.process_table())
             if len(tree) == 2:
                 break
             __import__("time").sleep(0.05)
         assert len(tree) == 2 and tree[0] == parent.pid
-        assert common.tree_cpu_seconds(parent.pid) >= 0
+        assert runner.tree_cpu_seconds(parent.pid) >= 0
     finally:
-        common.stop_process_group(parent.pid, grace=0)
+        runner.stop_process_group(parent.pid, grace=0)
         parent.wait()
 
 
 def test_protections_off_and_verified():
     full = {"sandbox": "on", "referee": "on", "eval_hidden": True, "pid_namespace": True,
             "compute_measured": "cpu_time", "train_command": "default", "shared": []}
-    assert common.protections_off(full) == [] and common.is_verified(full, "verified")
-    assert not common.is_verified(full, "unverified")
+    assert common.protections_off(full) == [] and runner.is_verified(full, "verified")
+    assert not runner.is_verified(full, "unverified")
     for change, words in ((dict(referee="off", eval_hidden=False), ["self-reported (referee off)"]),
                           (dict(sandbox="unavailable: no bwrap", eval_hidden=False, pid_namespace=False),
                            ["sandbox unavailable"]),
@@ -199,22 +200,22 @@ def test_protections_off_and_verified():
                           (dict(eval_hidden=False), ["eval data visible"]),
                           (dict(shared=["/tmp/x"]), ["sandbox shares paths"])):
         assert common.protections_off(dict(full, **change)) == words
-        assert not common.is_verified(dict(full, **change), "verified")
+        assert not runner.is_verified(dict(full, **change), "verified")
     assert common.protections_off(dict(full, train_command="custom")) == []  # recorded, not printed
-    assert not common.is_verified(dict(full, train_command="custom"), "verified")
+    assert not runner.is_verified(dict(full, train_command="custom"), "verified")
 
 
 def test_a_trusted_log_replaces_a_planted_link_and_never_writes_through_it(tmp_path):
     victim, log = tmp_path / "victim", tmp_path / "referee-val.log"
     victim.write_text("precious\n")
     log.symlink_to(victim)
-    with common.open_trusted(log) as f:
+    with runner.open_trusted(log) as f:
         f.write(b"val_bpb: 1.0\n")
     assert victim.read_text() == "precious\n" and not log.is_symlink() and log.read_text() == "val_bpb: 1.0\n"
     log.unlink()
     log.symlink_to(victim)
     with pytest.raises(OSError):
-        common.append_trusted(log, "more\n")
+        runner.append_trusted(log, "more\n")
     with pytest.raises(common.Refusal, match="symbolic link"):
         common.read_json(log)
     assert victim.read_text() == "precious\n"
