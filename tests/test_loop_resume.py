@@ -69,9 +69,10 @@ def pid_gone(pid):
 
 
 def test_kill_9_of_the_whole_loop_mid_training_records_the_run_as_a_crash(repo, tmp_path):
-    slow = tmp_path / "slow"
+    slow = tmp_path / "slow" / "seconds"  # in a folder of its own, which the training sandbox may see
+    slow.parent.mkdir()
     loop = repo.spawn("start", "--no-referee", "--noise-runs", "0", "--max-experiments", "2",
-                      env={"FAKE_SLOW_FILE": str(slow)})
+                      env={"FAKE_SLOW_FILE": str(slow), "AUTORESEARCH_SANDBOX_SHARE": str(slow.parent)})
     try:
         repo.wait_for(lambda: (repo.path / "results.tsv").exists() and len(repo.rows()) == 1, what="the baseline")
         slow.write_text("60")
@@ -82,7 +83,11 @@ def test_kill_9_of_the_whole_loop_mid_training_records_the_run_as_a_crash(repo, 
     finally:
         if loop.poll() is None:
             os.killpg(loop.pid, signal.SIGKILL)
-    assert not pid_gone(training)  # orphaned, still training
+    # The sandbox (bubblewrap, --die-with-parent) ends training with the experiment.py that started it.
+    deadline = time.monotonic() + 10
+    while not pid_gone(training) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pid_gone(training)
     slow.write_text("0")
     ok(repo.loop("resume"))
     rows = check_consistent(repo)
