@@ -52,6 +52,9 @@ MEMORY_DIR = ROOT / ".claude" / "context" / "memory"
 TEMPLATES_DIR = ROOT / "skills" / "ml-experiment-loop" / "templates"
 
 PREPARE_COMMAND = "uv run prepare.py"
+BRANCH_PREFIX = "autoresearch/"  # a session's branch is autoresearch/<tag>, as upstream names it
+# prepare.py's DEFAULT_SEED, restated (importing prepare.py costs torch): train.py's seed without AUTORESEARCH_SEED
+DEFAULT_SEED = 42
 PREPARE_COMMAND_OFFLINE = "uv run prepare.py --dataset builtin"
 
 

@@ -197,11 +197,12 @@ class Slurm:
         return 1, f"slurm job {record['job_id']} ended {fields.get('JobState', 'without an exit status')}" \
                   f"{' (' + fields['Reason'] + ')' if fields.get('Reason', 'None') != 'None' else ''}"
 
-    def cancel(self, record, root):
+    def cancel(self, record, root, requested=lambda: None):
         if record.get("job_id"):
             run_tool("scancel", record["job_id"])
         else:
             run_tool("scancel", "-n", record["name"])
+        requested()
         deadline = time.monotonic() + CANCEL_WAIT_SECONDS
         while record.get("job_id") and time.monotonic() < deadline and self.state(record) not in (None, "CANCELLED"):
             time.sleep(0.2)
@@ -282,11 +283,12 @@ class Ray:
             return code, None
         return code or 1, f"ray job {record['name']} ended {status}: {((info and info.message) or '').strip()[:200]}"
 
-    def cancel(self, record, root):
+    def cancel(self, record, root, requested=lambda: None):
         try:
             self.client.stop_job(record["name"])
         except RuntimeError:
-            return
+            return requested()
+        requested()
         deadline = time.monotonic() + CANCEL_WAIT_SECONDS
         while time.monotonic() < deadline and self.running(record, root):
             time.sleep(0.2)
@@ -329,7 +331,7 @@ def follow(backend, record, root):
 def dispatch(backend_name, options, command, root=common.ROOT):
     """Run `command` as one job of `backend_name`, attached to an earlier submission of the same
     run when there is one; returns the job's exit code."""
-    seed = os.environ.get("AUTORESEARCH_SEED", "42")
+    seed = os.environ.get("AUTORESEARCH_SEED", str(common.DEFAULT_SEED))
     commit = common.git("rev-parse", "HEAD")
     key = job_key(root, commit, seed, command, backend_name)
     path = jobs_dir(root) / f"{key}.json"
@@ -359,10 +361,11 @@ def dispatch(backend_name, options, command, root=common.ROOT):
         code = follow(backend, record, root)
     except Cancelled as signum:
         if record and record["state"] in IN_FLIGHT:
-            backend.cancel(record, root)
-            record.update(state="cancelled", reason=f"signal {signum.args[0]}", finished_at=common.now_iso())
-            save_record(root, record)
-            say(f"cancelled {backend.describe(record)} (signal {signum.args[0]})")
+            def recorded():  # as soon as the cancel is asked for: SIGKILL may follow before the job has stopped
+                record.update(state="cancelled", reason=f"signal {signum.args[0]}", finished_at=common.now_iso())
+                save_record(root, record)
+                say(f"cancelled {backend.describe(record)} (signal {signum.args[0]})")
+            backend.cancel(record, root, requested=recorded)
         return 128 + signum.args[0]
     record.update(state="done", exit_code=code, finished_at=common.now_iso())
     save_record(root, record)

@@ -50,7 +50,6 @@ import common  # noqa: E402
 import runner  # noqa: E402
 import tracking  # noqa: E402  (MLflow or W&B when the session tracks; costs nothing otherwise)
 
-DEFAULT_SEED = 42  # train.py's own default for AUTORESEARCH_SEED
 CONSOLE_LIMIT_BYTES = 300  # an agent's context is the scarcest resource of the night
 CRASH_EXIT_CODE = 1
 
@@ -59,7 +58,7 @@ def check_preconditions(session, confirming=False):
     """Refuse unless the branch, the working tree, the pins and the data are as the session expects.
     Returns (tracked files that changed, manifest)."""
     branch = common.current_branch()
-    if not branch or not branch.startswith("autoresearch/"):
+    if not branch or not branch.startswith(common.BRANCH_PREFIX):
         raise common.Refusal(f"not on an autoresearch/* branch (on {branch or 'a detached HEAD'}): "
                              f"git checkout {session['branch']}")
     if branch != session["branch"]:
@@ -245,7 +244,7 @@ def run_experiment(args):
     changed, manifest = check_preconditions(session)
     rows = common.read_ledger()  # a corrupt ledger is refused now, not after an hour of training
     timeout = args.timeout or runner.default_timeout(manifest)
-    seed = args.seed if args.seed is not None else int(os.environ.get("AUTORESEARCH_SEED", DEFAULT_SEED))
+    seed = args.seed if args.seed is not None else int(os.environ.get("AUTORESEARCH_SEED", common.DEFAULT_SEED))
     command = common.training_command(args.train_command)
     parent = common.head_commit()
     number = f"{runner.next_run_number():04d}"
@@ -407,7 +406,7 @@ def main():
                         help=f"kill training after this long (default: 2 x the prepared time budget "
                         f"+ {runner.TIMEOUT_MARGIN_SECONDS} s)")
     parser.add_argument("--seed", type=int, help="AUTORESEARCH_SEED for training (default: the "
-                        f"environment's AUTORESEARCH_SEED, else {DEFAULT_SEED})")
+                        f"environment's AUTORESEARCH_SEED, else {common.DEFAULT_SEED})")
     parser.add_argument("--train-command", metavar="CMD", help="the training command (default: "
                         "$AUTORESEARCH_TRAIN_COMMAND, else this Python running train.py)")
     args = parser.parse_args()

@@ -120,15 +120,16 @@ def command_start(args, loop_args):
     if set_file(tag).exists():
         raise common.Refusal(f"lane set {tag} exists already: choose another --tag")
     for k in range(args.count):
-        if common.git("rev-parse", "-q", "--verify", f"refs/heads/autoresearch/{tag}-lane{k}", check=False):
-            raise common.Refusal(f"branch autoresearch/{tag}-lane{k} already exists: choose another --tag")
+        if common.git("rev-parse", "-q", "--verify", f"refs/heads/{common.BRANCH_PREFIX}{tag}-lane{k}", check=False):
+            raise common.Refusal(f"branch {common.BRANCH_PREFIX}{tag}-lane{k} already exists: choose another --tag")
     train = training_command(args)
     lanes = {"tag": tag, "backend": args.backend, "created_at": common.now_iso(), "train_command": train,
              "start_commit": common.head_commit(), "loop_args": loop_args, "lanes": []}
     for k in range(args.count):
         path = LANES_DIR / tag / f"lane{k}"
         common.git("worktree", "add", "-q", "--detach", str(path), "HEAD")
-        lanes["lanes"].append({"number": k, "name": f"lane{k}", "path": str(path), "branch": f"autoresearch/{tag}-lane{k}",
+        lanes["lanes"].append({"number": k, "name": f"lane{k}", "path": str(path),
+                               "branch": f"{common.BRANCH_PREFIX}{tag}-lane{k}",
                                "gpu": gpus[k] if args.backend == "local" else None})
     common.write_json_atomic(set_file(tag), lanes)
     for lane in lanes["lanes"]:
@@ -155,8 +156,8 @@ def choose_tag():
     today = datetime.date.today()
     base = f"{today.strftime('%b').lower()}{today.day}"
     tag, suffix = base, 1
-    while set_file(tag).exists() or common.git("rev-parse", "-q", "--verify", f"refs/heads/autoresearch/{tag}-lane0",
-                                               check=False):
+    while set_file(tag).exists() or common.git("rev-parse", "-q", "--verify",
+                                               f"refs/heads/{common.BRANCH_PREFIX}{tag}-lane0", check=False):
         suffix += 1
         tag = f"{base}-{suffix}"
     return tag

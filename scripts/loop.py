@@ -178,13 +178,13 @@ def branch_exists(branch):
 def choose_tag(requested):
     """The requested tag, or today's (as setup.py names sessions) with -2, -3 ... when taken."""
     if requested:
-        if branch_exists(f"autoresearch/{requested}"):
-            raise common.Refusal(f"branch autoresearch/{requested} already exists: choose another --tag")
+        if branch_exists(common.BRANCH_PREFIX + requested):
+            raise common.Refusal(f"branch {common.BRANCH_PREFIX}{requested} already exists: choose another --tag")
         return requested
     today = datetime.date.today()
     base = f"{today.strftime('%b').lower()}{today.day}"
     tag, suffix = base, 1
-    while branch_exists(f"autoresearch/{tag}"):
+    while branch_exists(common.BRANCH_PREFIX + tag):
         suffix += 1
         tag = f"{base}-{suffix}"
     return tag
@@ -353,12 +353,12 @@ class Loop:
             if error:
                 current["proposal"] = {"source": "queue", "queue_file": str(queued[0]), "description": queued[0].name,
                                        "hypothesis": "-"}
-                return self.reject(error)
+                return self.not_run("rejected", error)
             current["proposal"] = proposal
             if proposal["instructions"]:
                 if self.options["agent"] in ("random", "optuna"):
-                    return self.reject("queued instructions need an agent (start with --agent claude, codex, "
-                                       "opencode or command); the random proposer can only apply a patch")
+                    return self.not_run("rejected", "queued instructions need an agent (start with --agent claude, "
+                                        "codex, opencode or command); the random proposer can only apply a patch")
                 return self.propose_with_agent(proposal["instructions"])
             return "apply"
         if self.options["agent"] == "random":
@@ -389,7 +389,7 @@ class Loop:
         current = self.state["current"]
         answer, error = self.call_agent("propose", instructions=instructions)
         if error:
-            return self.agent_failed(error)
+            return self.not_run("agent_error", error)
         proposal = current["proposal"] or {"source": "agent"}
         proposal.update(description=proposal.get("description") or answer["description"],
                         hypothesis=answer["hypothesis"],
@@ -407,23 +407,17 @@ class Loop:
         common.TRAIN_FILE.write_text(common.git("show", f"{crashed['commit']}:train.py") + "\n")
         answer, error = self.call_agent("repair", crash=crashed)
         if error:
-            return self.agent_failed(error)
+            return self.not_run("agent_error", error)
         current["proposal"].update(patch=common.git("diff", "HEAD", "--binary") + "\n",
                                    new_files=new_untracked_files(current), repair=answer["hypothesis"])
         return "apply"
 
-    def agent_failed(self, error):
+    def not_run(self, outcome, reason):
+        """End the iteration without training (outcome rejected or agent_error): the tree as it was, the reason kept."""
         current = self.state["current"]
         restore_tree(current)
-        current["outcome"], current["reason"] = "agent_error", error
-        say(f"{current['number']:04d} agent error: {error}")
-        return "remember"
-
-    def reject(self, reason):
-        current = self.state["current"]
-        restore_tree(current)
-        current["outcome"], current["reason"] = "rejected", reason
-        say(f"{current['number']:04d} rejected: {reason}")
+        current["outcome"], current["reason"] = outcome, reason
+        say(f"{current['number']:04d} {outcome.replace('_', ' ')}: {reason}")
         return "remember"
 
     def stage_apply(self):
@@ -437,7 +431,8 @@ class Loop:
             result = subprocess.run(["git", "apply", "--whitespace=nowarn", str(path)], cwd=common.ROOT,
                                     capture_output=True, text=True)
             if result.returncode != 0:
-                return self.reject(f"the patch does not apply to train.py: {proposers.snippet(result.stderr)}")
+                why = proposers.snippet(result.stderr)
+                return self.not_run("rejected", f"the patch does not apply to train.py: {why}")
         for name in current["proposal"].get("new_files") or []:
             (common.ROOT / name).touch()  # recreated empty, so validate sees and rejects them
         return "validate"
@@ -459,7 +454,7 @@ class Loop:
             problems.append(f"packages were installed without --allow-install: {', '.join(installed)}")
         if "train.py" not in changed and not problems:
             problems.append("train.py is unchanged: there is nothing to test")
-        return self.reject("; ".join(problems)) if problems else "commit"
+        return self.not_run("rejected", "; ".join(problems)) if problems else "commit"
 
     # -- commit, train, triage, record, decide ------------------------------------------------
 
@@ -551,7 +546,7 @@ class Loop:
 
     def stage_decide(self):
         """decide.py writes the ledger row and resets on a discard; run again after a kill, it
-        finishes the same decision instead of writing a second row. Issue 7's noise-aware rules
+        finishes the same decision instead of writing a second row. The noise-aware rules
         (confirmation re-runs of marginal gains, `invalid`) live in decide.py and experiment.py,
         so the loop inherits them by deciding only through decide.py."""
         current = self.state["current"]
@@ -1177,7 +1172,7 @@ def command_start(args, argv):
         moment = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=args.hours)
         deadline = moment.isoformat(timespec="seconds")
     state = {
-        "version": STATE_VERSION, "tag": tag, "branch": f"autoresearch/{tag}", "options": options,
+        "version": STATE_VERSION, "tag": tag, "branch": common.BRANCH_PREFIX + tag, "options": options,
         "dataset": args.dataset, "profile": args.profile, "deadline": deadline,
         "start_commit": common.head_commit(), "start_branch": common.current_branch(),
         "started_at": common.now_iso(), "stage": SETUP, "iteration": 0, "current": None,

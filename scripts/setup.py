@@ -108,7 +108,7 @@ def create_memory_files():
     return created
 
 
-NOISE_SEED_START = 43  # the baseline runs under 42, train.py's default
+NOISE_SEED_START = common.DEFAULT_SEED + 1  # the baseline runs under train.py's default seed
 
 
 def measure_noise(session, commit, count, command=None, timeout=None):
@@ -227,7 +227,7 @@ def main():
     if args.max_experiments is not None and args.max_experiments < 1:
         raise common.Refusal("--max-experiments must be at least 1")
     deadline = parse_deadline(args.deadline) if args.deadline else None
-    branch = f"autoresearch/{args.tag}"
+    branch = common.BRANCH_PREFIX + args.tag
     if common.git("rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False):
         raise common.Refusal(f"branch {branch} already exists: choose another --tag")
     changed = common.changed_tracked_files()

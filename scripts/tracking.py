@@ -312,7 +312,7 @@ def describe_run(run_name, event):
     return {"name": name, "params": params, "metrics": metrics, "tags": tags, "losses": losses(run_dir / "run.log"),
             "summary_path": run_dir / "summary.json", "diff": summary.get("diff") or "", "parent": parent,
             "children": children, "failed": summary.get("status") not in (None, "ok"),
-            "experiment": f"autoresearch/{session.get('tag') or 'untagged'}"}
+            "experiment": common.BRANCH_PREFIX + (session.get("tag") or "untagged")}
 
 
 # ---------------------------------------------------------------------------

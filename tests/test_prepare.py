@@ -390,6 +390,7 @@ def test_the_helpers_find_the_cache_where_prepare_writes_it(monkeypatch, tmp_pat
         monkeypatch.setenv("AUTORESEARCH_CACHE", value)
         assert common.cache_dir() == prepare.cache_dir()
         assert common.manifest_path() == prepare.manifest_path()
+    assert common.DEFAULT_SEED == prepare.DEFAULT_SEED
 
 
 # ---------------------------------------------------------------------------
