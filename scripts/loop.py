@@ -58,12 +58,6 @@ REPORT_FILE = common.ROOT / "REPORT.md"
 HUMAN_PATHS = ("STOP", "IDEA.md", "PLAN.md", "REPORT.md", "next_proposal.json", "proposals/")
 
 SETUP, NOISE, REPORT, DONE = "setup", "noise", "report", "done"
-# confirm runs only when experiment.py asks for it (a marginal win is re-run under a new seed)
-ITERATION_STAGES = ("propose", "apply", "validate", "commit", "train", "triage", "confirm", "record", "decide",
-                    "remember", "stop-check")
-SELECTABLE_STAGES = (SETUP, NOISE, "baseline") + ITERATION_STAGES
-IMPLIED_STAGES = {SETUP: (NOISE,), "train": ("validate", "commit"),  # checked, or part of one helper call
-                  "decide": ("triage", "confirm", "record")}
 REPAIRABLE = ("exception",)  # a typo or a shape error: worth one repair by the agent
 STATE_VERSION = 1
 POLL_SECONDS = 0.2
@@ -195,11 +189,9 @@ def choose_tag(requested):
 
 
 class Loop:
-    def __init__(self, state, stages=None, description=None):
+    def __init__(self, state):
         self.state = state
         self.options = state["options"]
-        self.stages = stages  # None: every stage
-        self.description = description
         self.experiment = None  # the experiment.py process this loop started, while it runs
 
     # -- driving ------------------------------------------------------------------------------
@@ -242,25 +234,11 @@ class Loop:
         if target and target == f"{stage}:{self.state['iteration']}":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def selected(self, stage):
-        if self.stages is None:
-            return True
-        name = "baseline" if self.state["iteration"] == 0 and stage in ITERATION_STAGES else stage
-        if name in self.stages:
-            return True
-        return any(stage in IMPLIED_STAGES.get(chosen, ()) for chosen in self.stages) and name != "baseline"
-
     def pause_reason(self, stage):
-        """Why the loop must stop before `stage` (the human's STOP file, or --stages), or None."""
-        if stage == REPORT:
-            return None
-        if STOP_FILE.exists():
+        """Why the loop must stop before `stage` (the human's STOP file), or None."""
+        if stage != REPORT and STOP_FILE.exists():
             return "the STOP file is present (uv run scripts/loop.py stop, or a human)"
-        if self.selected(stage):
-            return None
-        if stage == "propose" and any(self.selected(later) for later in ("validate", "commit", "train")):
-            return None  # train.py as the human left it is the proposal (see stage_propose)
-        return f"stage {stage} is not among --stages {','.join(self.stages)}"
+        return None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -340,10 +318,6 @@ class Loop:
     def stage_propose(self):
         current = self.state["current"]
         self.stop_agent()  # an agent left running by a killed loop
-        if not self.selected("propose"):
-            current["proposal"] = {"source": "manual", "description": self.description or "manual change to train.py",
-                                   "hypothesis": "a change made by hand before this stage-limited run"}
-            return "validate"
         restore_tree(current)
         if current["attempt"] > 1:
             return self.propose_repair()
@@ -1062,23 +1036,8 @@ def add_session_options(parser):
 
 
 def add_control_options(parser):
-    parser.add_argument("--stages", metavar="LIST",
-                        help=f"run only these stages, comma-separated, then pause: {', '.join(SELECTABLE_STAGES)}. "
-                        "Without propose, train.py as it is in the working tree is the proposal")
-    parser.add_argument("--description", help="ledger description of a hand-made proposal (with --stages)")
     parser.add_argument("--background", action="store_true",
                         help="detach: run in its own session with output to runs/loop/loop.log")
-
-
-def parse_stages(text):
-    if text is None:
-        return None
-    stages = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in stages if name not in SELECTABLE_STAGES]
-    if unknown or not stages:
-        raise common.Refusal(f"--stages: unknown {', '.join(unknown) or 'empty list'}; "
-                             f"choose from {', '.join(SELECTABLE_STAGES)}")
-    return stages
 
 
 def check_agent(options):
@@ -1104,7 +1063,9 @@ def check_agent(options):
             hint = " (npm ci installs the pinned one)" if options["agent"] in ("claude", "codex", "opencode") else ""
             raise common.Refusal(f"the {options['agent']} CLI is not installed ({binary}){hint}: "
                                  "or use --agent-bin PATH, or --agent random")
-    for key in ("max_experiments", "plateau", "max_failures", "max_turns"):
+    if options.get("max_experiments") is not None and options["max_experiments"] < 0:
+        raise common.Refusal("--max-experiments must be 0 or more (0: set-up and the baseline only)")
+    for key in ("plateau", "max_failures", "max_turns"):
         if options.get(key) is not None and options[key] < 1:
             raise common.Refusal(f"--{key.replace('_', '-')} must be at least 1")
     for key in ("hours", "agent_timeout", "timeout"):
@@ -1144,7 +1105,6 @@ def command_start(args, argv):
     check_agent(options)
     if options["noise_runs"] < 0:
         raise common.Refusal("--noise-runs must be 0 or more")
-    stages = parse_stages(args.stages)
     changed = common.changed_tracked_files()
     if changed:
         raise common.Refusal(f"uncommitted changes to tracked files ({', '.join(changed)}): "
@@ -1181,7 +1141,7 @@ def command_start(args, argv):
     }
     save_state(state)
     say(f"loop {tag}: agent {options['agent']}, {describe_limits(state, [])}")
-    return Loop(state, stages, args.description).run()
+    return Loop(state).run()
 
 
 def command_resume(args, argv):
@@ -1192,7 +1152,6 @@ def command_resume(args, argv):
                  if key not in SETUP_FLAGS and getattr(args, key) is not None}
     options = dict(state["options"], **overrides)
     check_agent(options)
-    stages = parse_stages(args.stages)
     if args.background:
         if loop_running():
             raise common.Refusal("a loop is already running in this worktree: uv run scripts/loop.py status")
@@ -1213,7 +1172,7 @@ def command_resume(args, argv):
             raise common.Refusal(f"the loop stopped because {reason}: raise that limit to go on")
         state["stage"] = "propose"
     say(f"resuming loop {state['tag']} at stage {state['stage']}, iteration {state['iteration']}")
-    return Loop(state, stages, args.description).run()
+    return Loop(state).run()
 
 
 def command_stop(_args, _argv):

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from common import (EVAL_FILES, MODEL_FILE, OUT_DIR, PREPARE_COMMAND, PREPARE_FILE, ROOT, RUNS_DIR, SCRIPTS_DIR, Refusal,
-                    eval_dir, is_finite_number, manifest_path, model_path, now_iso, parse_number, parse_summary, pooled_noise,
-                    prepared_dir, read_tail, sha256_file, triage)
+from common import (EVAL_FILES, MODEL_FILE, OUT_DIR, PREPARE_COMMAND, PREPARE_FILE, ROOT, RUNS_DIR, SCRIPTS_DIR,
+                    Refusal, eval_dir, is_finite_number, manifest_path, model_path, now_iso, parse_number,
+                    parse_summary, pooled_noise, prepared_dir, read_tail, sha256_file, triage)
 
 # ---------------------------------------------------------------------------
 # Files the helpers trust (run.log, referee logs): never written through a link a run planted

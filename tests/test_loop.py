@@ -159,15 +159,11 @@ def test_a_plateau_ends_the_run(repo):
     assert len(check_consistent(repo)) == 5 and "(--plateau 4)" in repo.report()
 
 
-def test_stages_run_setup_and_baseline_only_then_a_hand_made_change(repo):
-    ok(repo.start("--stages", "setup,baseline"))
+def test_max_experiments_zero_runs_setup_and_the_baseline_only(repo):
+    ok(repo.start("--max-experiments", "0"))
     assert [description(row) for row in repo.rows()] == ["baseline"]
     state = repo.state()
-    assert state["stage"] == "propose" and "not among --stages" in state["stop_reason"]
-    train = repo.path / "train.py"
-    train.write_text(train.read_text().replace("    MATRIX_LR = 0.03", "    MATRIX_LR = 0.045"))
-    ok(repo.loop("resume", "--stages", "train,decide", "--description", "by hand: matrix lr 0.045"))
-    assert description(repo.rows()[1]) == "by hand: matrix lr 0.045" and repo.state()["stage"] == "remember"
+    assert state["stage"] == "done" and "--max-experiments 0 reached" in state["stop_reason"]
     ok(repo.loop("resume", "--max-experiments", "2"))
     assert len(check_consistent(repo)) == 3
 
@@ -175,8 +171,8 @@ def test_stages_run_setup_and_baseline_only_then_a_hand_made_change(repo):
 def test_refusals_are_one_line_with_exit_code_2(repo):
     for args, words in ((["resume"], "nothing to resume"), (["status"], "no headless loop"),
                         (["start", "--agent", "command"], "--agent-command"),
-                        (["start", "--max-experiments", "0"], "at least 1"),
-                        (["start", "--stages", "dream"], "unknown dream"),
+                        (["start", "--max-experiments", "-1"], "0 or more"),
+                        (["start", "--plateau", "0"], "at least 1"),
                         (["start", "--dataset", "climbmix"], "prepared with dataset builtin")):
         result = repo.loop(*args)
         assert result.returncode == 2 and words in result.stderr, (args, result.stderr)
