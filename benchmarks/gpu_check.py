@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
-# The referee's number decides; beyond this the two disagree (scripts/common.py holds the helpers' copy).
+# The referee's number decides; beyond this the two disagree (scripts/runner.py holds the helpers' copy).
 REFEREE_TOLERANCE_BPB = 5e-4
 UPSTREAM = {"tokens_per_sec": 1.65e6, "mfu_percent": 39.8, "overhead_seconds": 26.0}  # karpathy/autoresearch, H100
 
