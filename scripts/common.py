@@ -520,10 +520,25 @@ def _traceback_frame(lines):
 # The training command and what guarded a run (scripts/runner.py runs it; status reads the guards too)
 
 
-def training_command(option=None):
-    """--train-command, else $AUTORESEARCH_TRAIN_COMMAND, else this Python running train.py."""
+def training_command(option=None, gpus=1):
+    """--train-command, else $AUTORESEARCH_TRAIN_COMMAND, else default_training_command(gpus)."""
     text = option or os.environ.get("AUTORESEARCH_TRAIN_COMMAND")
-    return shlex.split(text) if text else [sys.executable, "train.py"]
+    return shlex.split(text) if text else default_training_command(gpus)
+
+
+def default_training_command(gpus=1):
+    """This Python running train.py; on several GPUs under torchrun (torch.distributed.run, from the
+    same environment), one process per GPU, which train.py runs as DistributedDataParallel ranks."""
+    if gpus == 1:
+        return [sys.executable, "train.py"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "train.py"]
+
+
+def is_default_training_command(command):
+    """Whether `command` is default_training_command(N) for some N (what a verified result needs)."""
+    command = list(command)
+    match = re.fullmatch(r"--nproc_per_node=([1-9][0-9]*)", command[4]) if len(command) == 6 else None
+    return command == default_training_command() or bool(match and command == default_training_command(int(match[1])))
 
 
 def protections_off(guards):

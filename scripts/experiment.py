@@ -31,11 +31,12 @@ crash or an invalid result (exit 1), never more than 300 bytes. The line ends wi
 command to run, which pending.json also carries as `next`.
 
 Usage:
-    uv run scripts/experiment.py "DESCRIPTION" [--timeout SECONDS] [--seed N] [--train-command CMD]
-    uv run scripts/experiment.py --confirm [--timeout SECONDS] [--train-command CMD]
+    uv run scripts/experiment.py "DESCRIPTION" [--timeout SECONDS] [--seed N] [--train-command CMD] [--gpus N]
+    uv run scripts/experiment.py --confirm [--timeout SECONDS] [--train-command CMD] [--gpus N]
 
-The training command defaults to this Python running train.py; --train-command or the
-AUTORESEARCH_TRAIN_COMMAND environment variable replaces it (split like a shell would).
+The training command defaults to this Python running train.py (with --gpus N > 1: under torchrun,
+one DistributedDataParallel rank per GPU); --train-command or the AUTORESEARCH_TRAIN_COMMAND
+environment variable replaces it (split like a shell would).
 """
 
 import argparse
@@ -245,7 +246,7 @@ def run_experiment(args):
     rows = common.read_ledger()  # a corrupt ledger is refused now, not after an hour of training
     timeout = args.timeout or runner.default_timeout(manifest)
     seed = args.seed if args.seed is not None else int(os.environ.get("AUTORESEARCH_SEED", common.DEFAULT_SEED))
-    command = common.training_command(args.train_command)
+    command = common.training_command(args.train_command, args.gpus)
     parent = common.head_commit()
     number = f"{runner.next_run_number():04d}"
     pending = {"id": number, "state": "starting", "description": description, "parent": parent,
@@ -364,7 +365,7 @@ def confirm(args):
         pending["confirmation"]["training_pgid"] = pid
         common.write_json_atomic(common.PENDING_FILE, pending)
 
-    command = common.training_command(args.train_command)
+    command = common.training_command(args.train_command, args.gpus)
     started_at = common.now_iso()
     run = runner.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid)
     runner.score_run(run, run_dir, session, timeout)
@@ -409,9 +410,17 @@ def main():
                         f"environment's AUTORESEARCH_SEED, else {common.DEFAULT_SEED})")
     parser.add_argument("--train-command", metavar="CMD", help="the training command (default: "
                         "$AUTORESEARCH_TRAIN_COMMAND, else this Python running train.py)")
+    parser.add_argument("--gpus", type=int, default=1, metavar="N",
+                        help="GPUs for this one experiment (default 1): N > 1 runs train.py under torchrun, one "
+                        "rank per GPU (on the cpu profile: N gloo ranks sharing the cores)")
     args = parser.parse_args()
     if args.timeout is not None and args.timeout <= 0:
         raise common.Refusal("--timeout must be positive")
+    if args.gpus < 1:
+        raise common.Refusal("--gpus must be at least 1")
+    if args.gpus > 1 and (args.train_command or os.environ.get("AUTORESEARCH_TRAIN_COMMAND")):
+        raise common.Refusal("--gpus runs the default training command under torchrun; a custom training "
+                             "command launches its own processes")
     return confirm(args) if args.confirm else run_experiment(args)
 
 

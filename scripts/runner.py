@@ -27,7 +27,8 @@ from typing import NamedTuple
 
 from common import (EVAL_FILES, MODEL_FILE, OUT_DIR, PREPARE_COMMAND, PREPARE_FILE, ROOT, RUNS_DIR, SCRIPTS_DIR,
                     Refusal, eval_dir, is_finite_number, manifest_path, model_path, now_iso, parse_number,
-                    parse_summary, pooled_noise, prepared_dir, read_tail, sha256_file, triage)
+                    parse_summary, pooled_noise, prepared_dir, read_tail, sha256_file, triage,
+                    is_default_training_command)
 
 # ---------------------------------------------------------------------------
 # Files the helpers trust (run.log, referee logs): never written through a link a run planted
@@ -420,7 +421,7 @@ def protections(session, command=None):
         "eval_hidden": sandbox == "on" and referee == "on" and not eval_exposed(),
         "pid_namespace": sandbox == "on",
         "compute_measured": compute_clock(session),
-        "train_command": "default" if command is None or list(command) == [sys.executable, "train.py"] else "custom",
+        "train_command": "default" if command is None or is_default_training_command(command) else "custom",
         "shared": [str(path) for path in shared_paths()] if sandbox == "on" else [],
     }
 

@@ -3,6 +3,7 @@
 Each test starts real processes (`python -m torch.distributed.run`, which is torchrun) against the
 prepared builtin cache; the fixtures in tests/fixtures/ddp/ run train.py's own main()."""
 
+import json
 import os
 import re
 import subprocess
@@ -130,3 +131,30 @@ except ValueError as error:
 """], builtin_cache)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "rank 2 is outside a world of 2"
+
+
+def test_experiment_with_two_gpus_trains_two_ranks_under_the_helpers(tmp_path, builtin_cache):
+    from conftest import copy_project
+    repo = copy_project(tmp_path)
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache))
+    for key in ("AUTORESEARCH_TRAIN_COMMAND", "AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE", "RANK"):
+        env.pop(key, None)
+
+    def helper(*args):
+        return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+    setup = helper("scripts/setup.py", "--tag", "ddp", "--noise-runs", "0")
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    for refused in (["--gpus", "0"], ["--gpus", "2", "--train-command", "python train.py"]):
+        result = helper("scripts/experiment.py", "refused", *refused)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    result = helper("scripts/experiment.py", "baseline on two ranks", "--gpus", "2")
+    assert result.returncode == 0 and result.stdout.startswith("0001 "), result.stdout + result.stderr
+    (run_dir,) = (repo / "runs").glob("0001-*")
+    log = (run_dir / "run.log").read_text()
+    assert "x 2 ranks" in log and re.search(r"^world_size:\s+2$", log, re.M)
+    summary_json = json.loads((run_dir / "summary.json").read_text())
+    assert summary_json["status"] == "ok" and 0 < summary_json["val_bpb"] < 20
+    # torchrun with this Python is the default command: the result counts as the referee's, unlowered
+    assert summary_json["protections"]["train_command"] == "default"
+    assert summary_json["referee"] == "verified"
