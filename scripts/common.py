@@ -556,6 +556,23 @@ def protections_off(guards):
 
 
 # ---------------------------------------------------------------------------
+# notes.md, the agent's lab notebook: read by memory.py and the hooks, written by the agent and the loop
+
+NOTES_COMMENT = re.compile(r"<!--.*?-->", re.S)  # the template's guidance and examples: not notes
+LOG_BLOCK = re.compile(r"^###\s+(REASONING|ANALYSIS)\b", re.M | re.I)  # an Experiment Log block: ### KIND: name
+
+
+def strip_comments(text):
+    """Markdown without its HTML comments."""
+    return NOTES_COMMENT.sub("", text)
+
+
+def log_block_heading(kind, name):
+    """The heading of an Experiment Log block (kind REASONING or ANALYSIS), as LOG_BLOCK reads it."""
+    return f"### {kind}: {name}"
+
+
+# ---------------------------------------------------------------------------
 # Git (subprocess; every helper runs at the repository root)
 
 

@@ -775,14 +775,14 @@ def remember_in_notes(state):
         return
     text = common.NOTES_FILE.read_text()
     name = block_name(current)
-    if f"### ANALYSIS: {name}" not in text:
+    if common.log_block_heading("ANALYSIS", name) not in text:
         proposal = current.get("proposal") or {}
         evidence = (f"proposed by {proposal.get('source')}" +
                     (f" ({state['options']['agent']})" if proposal.get("source") == "agent" else ""))
         text = text.rstrip("\n") + "\n\n" + "\n".join([
-            f"### REASONING: {name}", f"- hypothesis: {' '.join(str(proposal.get('hypothesis', '-')).split())}",
+            common.log_block_heading("REASONING", name), f"- hypothesis: {' '.join(str(proposal.get('hypothesis', '-')).split())}",
             f"- evidence: {evidence}", "- risk: unknown until it runs", "",
-            f"### ANALYSIS: {name}", *analysis_lines(current)]) + "\n"
+            common.log_block_heading("ANALYSIS", name), *analysis_lines(current)]) + "\n"
     best = common.best_kept(common.read_ledger())
     if best:
         lineage = [row.description for row in common.kept_lineage(common.read_ledger())[1:]]

@@ -57,7 +57,7 @@ def markdown_entries(path, label):
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return []
-    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = common.strip_comments(text)
     entries, heading, block = [], "", []
 
     def flush():

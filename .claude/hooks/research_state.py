@@ -16,7 +16,6 @@ import os
 import re
 
 HOOKS_DIR = os.path.dirname(os.path.abspath(__file__))
-LOG_BLOCK = re.compile(r"^###\s+(REASONING|ANALYSIS)\b", re.M | re.I)
 
 
 class StateUnavailable(Exception):
@@ -84,17 +83,19 @@ def read_state(root):
 
 
 def read_notes(root):
-    """notes.md without its HTML comments (the template's guidance and examples), or "" when missing."""
+    """notes.md without its HTML comments (the template's guidance and examples), or "" when missing.
+    The format is common.py's (hooks call this after read_state, so the module has loaded)."""
     try:
         with open(os.path.join(root, "notes.md"), encoding="utf-8") as handle:
-            return re.sub(r"<!--.*?-->", "", handle.read(), flags=re.S)
+            text = handle.read()
     except OSError:
         return ""
+    return load_common(root).strip_comments(text)
 
 
 def newest_log_block(root):
     """'REASONING', 'ANALYSIS' or None: the kind of the last Experiment Log block in notes.md."""
-    blocks = LOG_BLOCK.findall(read_notes(root))
+    blocks = load_common(root).LOG_BLOCK.findall(read_notes(root))
     return blocks[-1].upper() if blocks else None
 
 
