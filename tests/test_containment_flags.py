@@ -1,4 +1,4 @@
-"""Lowered protections are recorded and visible (issue 11): --no-referee results are self-reported
+"""Lowered protections are recorded and visible: --no-referee results are self-reported
 and never verified, setup refuses to replace a protected session by a weaker one unless a human
 says so, forced keeps and the flags show in summary.json and status, and the pins cover the hooks,
 the settings and the whole prepared data.

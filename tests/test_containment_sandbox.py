@@ -1,4 +1,4 @@
-"""Containment attacks (issue 11), each through the real helpers and real processes: a daemon that
+"""Containment attacks, each through the real helpers and real processes: a daemon that
 outlives training, a train.py rewriting the venv or uv's cache, one memorising the evaluation rows,
 symbolic links planted where the helpers write, a module shadowing the standard library in the
 referee, and training past the budget (longer, or with extra processes).

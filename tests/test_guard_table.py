@@ -4,7 +4,7 @@ Each call is checked by .claude/hooks/guard_tool_use.py against a small project 
 (see test_hooks.py): the tables call its check_tool() in this process (some 300 calls; a subprocess
 each would cost a minute and a half), and a sample of them, the failure modes and the project root
 go through the hook as a client runs it (a subprocess with the PreToolUse JSON on stdin). The
-bypass table holds the 61 calls that the last red-team review found allowed (issue 11), and more of
+bypass table holds the 61 calls that the last red-team review found allowed, and more of
 the same kinds; each must be refused with a one-line reason that names what to do instead. The
 allowed table holds every command that program.md, the skills and the slash commands tell the agent
 to run, and a test reads those files so that the table cannot drift from them.

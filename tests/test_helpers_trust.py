@@ -1,4 +1,4 @@
-"""Results a researcher can trust (issue 7), through the helpers' command lines: the noise floor,
+"""Results a researcher can trust, through the helpers' command lines: the noise floor,
 confirmation of marginal wins, changes that are never a keep, the referee, the held-out split and
 the sandbox.
 
@@ -106,7 +106,7 @@ def test_a_marginal_fluke_is_not_confirmed_and_cannot_be_kept(measured):
     assert "marginal" in ok(experiment(measured, "lucky draw"))
     line = ok(measured.run("experiment", "--confirm", train=NOISY))  # mean 0.99925: 0.75 noise units
     assert "mean of 2 runs" in line and "not confirmed (next: decide.py discard)" in line
-    assert measured.summary("0004")["referee"] == "verified"  # every run is scored by the referee (issue 11)
+    assert measured.summary("0004")["referee"] == "verified"  # every run is scored by the referee
     refused(measured.run("decide", "keep"), "mean of 2 runs beat the best by 0.8 noise units, under the 2.12")
     refused(measured.run("experiment", "--confirm", train=NOISY), "already confirmed once")
     ok(measured.run("decide", "discard"))
