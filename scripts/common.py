@@ -301,6 +301,16 @@ def kept_lineage(rows):
     return lineage
 
 
+def baseline_row(rows):
+    """The session's first kept row: its baseline, or None before it is recorded."""
+    return next((row for row in rows if row.status == "keep"), None)
+
+
+def status_counts(rows):
+    """{status: how many rows have it}, every status of STATUSES present."""
+    return {status: sum(row.status == status for row in rows) for status in STATUSES}
+
+
 def best_kept(rows):
     """The kept row with the lowest val_bpb on the current lineage, or None before the baseline."""
     lineage = kept_lineage(rows)

@@ -177,7 +177,7 @@ def lane_status(lane):
     return {"name": lane["name"], "branch": lane["branch"], "path": lane["path"], "gpu": lane["gpu"],
             "running": bool(state.get("running")), "stage": state.get("stage"), "stop_reason": state.get("stop_reason"),
             "experiments": len(common.experiments(rows)), "rows": len(rows),
-            "counts": {status: sum(row.status == status for row in rows) for status in common.STATUSES},
+            "counts": common.status_counts(rows),
             "best": best._asdict() if best else None,
             "jobs_in_flight": [f"{record['backend']} {record.get('job_id') or record['name']}" for record in jobs]}
 

@@ -822,7 +822,7 @@ def write_report(state):
     picture, totals, and why the loop stopped."""
     rows = common.read_ledger()
     runs = common.experiments(rows)
-    baseline = next((row for row in rows if row.status == "keep"), None)
+    baseline = common.baseline_row(rows)
     best = common.best_ever(rows)
     records = iteration_records()
     totals = agent_totals(records)
@@ -840,7 +840,7 @@ def write_report(state):
         lines += ["## Diff from baseline to best", "", "```diff", diff or "(none: the baseline is the best)", "```", ""]
     else:
         lines += ["No result yet: the baseline has not been recorded.", ""]
-    counts = {status: sum(row.status == status for row in rows) for status in common.STATUSES}
+    counts = common.status_counts(rows)
     not_run = [record for record in records if record.get("outcome") in ("rejected", "agent_error")]
     lines += ["## Ledger", "",
               f"{len(runs)} runs ({experiments_after_baseline(rows)} experiments after the baseline): "
@@ -906,7 +906,7 @@ def gather_status():
                      "fraction": min(1.0, elapsed / expected) if expected else None,
                      "eta_s": max(0.0, round(expected - elapsed, 1)) if expected else None}
     best = common.best_ever(rows)
-    baseline = next((row for row in rows if row.status == "keep"), None)
+    baseline = common.baseline_row(rows)
     hours = hours_since(state.get("started_at"))
     runs = len(common.experiments(rows))
     return {
@@ -918,7 +918,7 @@ def gather_status():
         "in_flight": in_flight,
         "best": best._asdict() if best else None, "baseline": baseline._asdict() if baseline else None,
         "experiments": experiments_after_baseline(rows),
-        "counts": {status: sum(row.status == status for row in rows) for status in common.STATUSES},
+        "counts": common.status_counts(rows),
         "per_hour": round(runs / hours, 2) if hours else None,
         "limits": describe_limits(state, rows), "failures_in_a_row": state.get("failures_in_a_row", 0),
         "stop_file": STOP_FILE.exists(), "agent_totals": agent_totals(iteration_records()),

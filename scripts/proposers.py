@@ -423,7 +423,7 @@ def build_prompt(state, kind, instructions=None, crash=None):
     """One self-contained prompt: the task, the headless contract, the state, the notes, the policy."""
     options, current = state["options"], state["current"]
     rows = common.read_ledger()
-    best, baseline = common.best_kept(rows), next((row for row in rows if row.status == "keep"), None)
+    best, baseline = common.best_kept(rows), common.baseline_row(rows)
     plan_first = IDEA_FILE.exists() and not PLAN_FILE.exists()
     answer = json.dumps(dict(ANSWER_EXAMPLE, **({"plan": PLAN_EXAMPLE} if plan_first else {})))
     if kind == "repair":

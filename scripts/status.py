@@ -84,8 +84,8 @@ def gather():
     session = session or {}
     now = datetime.datetime.now(datetime.timezone.utc)
     runs = common.experiments(rows)
-    counts = {status: sum(row.status == status for row in rows) for status in common.STATUSES}
-    best, baseline = common.best_ever(rows), next((row for row in rows if row.status == "keep"), None)
+    counts = common.status_counts(rows)
+    best, baseline = common.best_ever(rows), common.baseline_row(rows)
     improved_at = decided_at(best.commit) if best else None
     started = common.parse_iso(session["started_at"]) if session.get("started_at") else None
     until = last_finished_at() or now
