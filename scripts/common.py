@@ -475,6 +475,7 @@ def parse_summary(text):
 
 
 TRACEBACK_HEADER = "Traceback (most recent call last):"
+RANK_PREFIX = re.compile(r"^\[rank\d+\]: ?")
 
 
 def triage(log_tail, exit_code, timed_out, timeout_s=None):
@@ -483,6 +484,9 @@ def triage(log_tail, exit_code, timed_out, timeout_s=None):
     kind is one of timeout, oom, fast_fail, exception, signal, no_summary; checked in that order
     because an out-of-memory error is also an exception, and a timeout ends in a signal."""
     lines = [line.rstrip() for line in log_tail.splitlines()]
+    # Under torchrun a rank's own output comes prefixed `[rankN]: `, and torchrun's ChildFailedError
+    # traceback follows it: the failing rank's exception is the one that says what went wrong.
+    ranked = [RANK_PREFIX.sub("", line) for line in lines if RANK_PREFIX.match(line)]
     if timed_out:
         return {"kind": "timeout", "detail": f"no result within the {timeout_s:g} s timeout; "
                 "the process group was killed", "excerpt": []}
@@ -493,6 +497,8 @@ def triage(log_tail, exit_code, timed_out, timeout_s=None):
     if exit_code == 3 or fast_fail:
         detail = fast_fail[-1] if fast_fail else "exit code 3 (fast fail: NaN or exploding loss)"
         return {"kind": "fast_fail", "detail": detail.strip(), "excerpt": []}
+    if ranked and _exception_line(ranked):
+        lines = ranked
     exception = _exception_line(lines)
     if exception:
         return {"kind": "exception", "detail": exception, "excerpt": _traceback_frame(lines)}

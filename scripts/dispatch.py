@@ -359,14 +359,15 @@ def dispatch(backend_name, options, command, root=common.ROOT):
             save_record(root, record)
             say(f"submitted {backend.describe(record)}")
         code = follow(backend, record, root)
-    except Cancelled as signum:
+    except Cancelled as cancelled:
+        number = cancelled.args[0]
         if record and record["state"] in IN_FLIGHT:
             def recorded():  # as soon as the cancel is asked for: SIGKILL may follow before the job has stopped
-                record.update(state="cancelled", reason=f"signal {signum.args[0]}", finished_at=common.now_iso())
+                record.update(state="cancelled", reason=f"signal {number}", finished_at=common.now_iso())
                 save_record(root, record)
-                say(f"cancelled {backend.describe(record)} (signal {signum.args[0]})")
+                say(f"cancelled {backend.describe(record)} (signal {number})")
             backend.cancel(record, root, requested=recorded)
-        return 128 + signum.args[0]
+        return 128 + number
     record.update(state="done", exit_code=code, finished_at=common.now_iso())
     save_record(root, record)
     return code

@@ -66,7 +66,7 @@ FAILPOINT = "AUTORESEARCH_LOOP_KILL_AT"  # tests: "STAGE:ITERATION" makes the lo
 DEFAULTS = {
     "agent": "random", "agent_command": None, "agent_bin": None, "agent_args": None, "max_turns": 30,
     "agent_timeout": 1800, "allow_install": False, "max_experiments": None, "hours": None, "plateau": None,
-    "max_failures": 5, "seed": 0, "timeout": None, "train_command": None, "gpu": None,
+    "max_failures": 5, "seed": 0, "timeout": None, "train_command": None, "gpu": None, "gpus": None,
     "noise_runs": 2, "no_referee": False, "no_sandbox": False,
     "sampler": "tpe", "study_storage": None, "study_name": None, "track": None,  # --agent optuna; tracking
 }
@@ -465,7 +465,7 @@ class Loop:
         """experiment.py with the loop's training options. Its output goes to a file, not a pipe: if this
         loop is killed, experiment.py still finishes and records its result for the resumed loop."""
         command = [sys.executable, str(common.SCRIPTS_DIR / "experiment.py"), *args]
-        for flag, key in (("--timeout", "timeout"), ("--train-command", "train_command")):
+        for flag, key in (("--timeout", "timeout"), ("--train-command", "train_command"), ("--gpus", "gpus")):
             if self.options.get(key) is not None:
                 command += [flag, str(self.options[key])]
         with open(self.experiment_output(), "ab") as output:
@@ -1017,6 +1017,8 @@ def add_run_options(parser, defaults):
                        help="hard limit per training run (default: experiment.py's, twice the budget plus 120 s)")
     train.add_argument("--train-command", metavar="CMD", default=d("train_command"),
                        help="the training command (default: experiment.py's, this Python running train.py)")
+    train.add_argument("--gpus", type=int, metavar="N", default=d("gpus"),
+                       help="GPUs per experiment (experiment.py's --gpus; default 1): N > 1 trains under torchrun")
     train.add_argument("--gpu", metavar="ID", default=d("gpu"),
                        help="pin this loop's training to one GPU (CUDA_VISIBLE_DEVICES), one lane per GPU")
 
@@ -1065,7 +1067,7 @@ def check_agent(options):
                                  "or use --agent-bin PATH, or --agent random")
     if options.get("max_experiments") is not None and options["max_experiments"] < 0:
         raise common.Refusal("--max-experiments must be 0 or more (0: set-up and the baseline only)")
-    for key in ("plateau", "max_failures", "max_turns"):
+    for key in ("plateau", "max_failures", "max_turns", "gpus"):
         if options.get(key) is not None and options[key] < 1:
             raise common.Refusal(f"--{key.replace('_', '-')} must be at least 1")
     for key in ("hours", "agent_timeout", "timeout"):

@@ -112,6 +112,7 @@ def test_a_crash_on_one_rank_ends_every_rank_and_is_triaged_as_a_crash(builtin_c
     assert elapsed < 60, elapsed  # rank 0, blocked in the all-reduce, does not wait for a timeout
     failure = common.triage(log, result.returncode, timed_out=False)
     assert failure["kind"] == "exception", failure
+    assert failure["detail"] == "RuntimeError: rank 1 broke at step 2", failure  # the rank's error, not torchrun's
 
 
 def test_each_rank_gets_its_own_rows_and_together_the_rows_of_one_process(builtin_cache):

@@ -173,6 +173,7 @@ def test_refusals_are_one_line_with_exit_code_2(repo):
                         (["start", "--agent", "command"], "--agent-command"),
                         (["start", "--max-experiments", "-1"], "0 or more"),
                         (["start", "--plateau", "0"], "at least 1"),
+                        (["start", "--gpus", "0"], "--gpus must be at least 1"),
                         (["start", "--dataset", "climbmix"], "prepared with dataset builtin")):
         result = repo.loop(*args)
         assert result.returncode == 2 and words in result.stderr, (args, result.stderr)
