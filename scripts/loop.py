@@ -18,7 +18,7 @@ Everything it writes lies in this worktree (runs/loop/, notes.md, REPORT.md, pro
 branch), so several loops in several git worktrees share only the read-only prepared data.
 
 Usage:
-    uv run scripts/loop.py start --dataset builtin --max-experiments 3 --noise-runs 0   # offline quickstart
+    uv run scripts/loop.py start --dataset builtin --max-experiments 3   # offline quickstart, noise measured
     uv run scripts/loop.py start --agent claude --hours 8 --background
     uv run scripts/loop.py resume [--background] [--max-experiments N ...]
     uv run scripts/loop.py status [--json]
