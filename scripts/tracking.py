@@ -8,7 +8,7 @@ with `uv sync --group tracking`.
   the server in MLFLOW_TRACKING_URI. Browse with
   `uv run --group tracking mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`.
 - W&B: offline under runs/wandb/ unless WANDB_API_KEY is set (then online); `wandb sync
-  runs/wandb/offline-run-*` uploads an offline night later. WANDB_PROJECT names the project
+  runs/wandb/wandb/offline-run-*` uploads an offline night later. WANDB_PROJECT names the project
   (default autoresearch).
 
 One tracker experiment (W&B: group) per session or lane, one run per experiment, confirmation or
