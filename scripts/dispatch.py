@@ -59,6 +59,10 @@ class Cancelled(BaseException):
 
 
 def raise_cancelled(signum, _frame):
+    # Once: the stop that follows must not be cut short by the next signal (experiment.py signals
+    # the run's process group and then each of its processes, so a second SIGTERM is the rule).
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
     raise Cancelled(signum)
 
 

@@ -93,6 +93,11 @@ def test_a_fifth_job_waits_for_a_gpu_and_sigterm_stops_every_job(repo, client):
         nodes = {run["job"]: client.get_job_info(run["job"]).driver_node_id for run in hung}
         assert len({(nodes[run["job"]], run["gpu"]) for run in hung}) == 4
     finally:
+        # Twice, as experiment.py's stop does (the process group, then each process it finds): the
+        # second lands while the first one's cancel is under way and must not cut it short.
+        for process in dispatchers:
+            process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
         for process in dispatchers:
             process.send_signal(signal.SIGTERM)
         codes = [process.wait(timeout=30) for process in dispatchers]

@@ -44,31 +44,48 @@ ray_pids() {  # every process of ours: the two sessions `up` started, and whatev
 
 up() {
     mkdir -p "$ROOT/home" "$TEMP"
-    export HOME=$ROOT/home RAY_USAGE_STATS_ENABLED=0 PATH=$(dirname "$RAY"):$PATH
-    local common=(--node-ip-address 127.0.0.1 --num-cpus 1 --num-gpus "$NGPUS"
+    # Ray gives its dashboard 60 s to register before `ray start` gives up; a CI box busy with
+    # installs has taken longer (the dashboard imports ~10 modules, each a subprocess). Give it 5 min.
+    export HOME=$ROOT/home RAY_USAGE_STATS_ENABLED=0 PATH=$(dirname "$RAY"):$PATH \
+        RAY_DASHBOARD_STARTUP_TIMEOUT_S=${RAY_DASHBOARD_STARTUP_TIMEOUT_S:-300}
+    # Every agent port is fixed: with a port left to chance, the raylet waits for the agent to write
+    # it to a file, and gives up after a hard-coded 15 s (ray-project/ray#65983); a Python agent
+    # importing Ray on a loaded 2-core box has taken longer.
+    # Both nodes take the address Ray itself picks for this machine: `ray start --address
+    # 127.0.0.1:PORT` rewrites a loopback address to that one, so a head bound to 127.0.0.1 is
+    # unreachable from the second node whenever the machine has a routed interface.
+    local ip
+    ip=$("$(dirname "$RAY")/python" -c 'from ray._private.services import get_node_ip_address as g; print(g())' 2>/dev/null || echo 127.0.0.1)
+    local common=(--node-ip-address "$ip" --num-cpus 1 --num-gpus "$NGPUS"
                   --object-store-memory 100000000 --disable-usage-stats)
     # --block keeps one supervisor per node in the foreground of its own process group.
     setsid "$RAY" start --head --block --port "$PORT" --temp-dir "$TEMP" --include-dashboard true \
         --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" "${common[@]}" \
+        --dashboard-agent-listen-port 52365 --dashboard-agent-grpc-port 52375 \
+        --runtime-env-agent-port 52385 --metrics-export-port 52395 \
         >"$ROOT/head.log" 2>&1 &
     echo $! >"$ROOT/head.pid"
-    for _ in $(seq 240); do
+    for _ in $(seq 720); do
         curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" >/dev/null 2>&1 && break
+        kill -0 "$(cat "$ROOT/head.pid")" 2>/dev/null || break   # `ray start` gave up: no use waiting
         sleep 0.5
     done
-    curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" >/dev/null || { tail -20 "$ROOT/head.log" >&2; exit 1; }
-    # A second node on the same machine needs its own dashboard agent port, else its job logs fail.
-    setsid "$RAY" start --block --address "127.0.0.1:$PORT" --dashboard-agent-listen-port 52366 \
-        "${common[@]}" >"$ROOT/worker.log" 2>&1 &
+    curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" >/dev/null || { tail -20 "$ROOT/head.log" >&2; return 1; }
+    # A second node on the same machine needs its own agent ports, else its job logs fail.
+    setsid "$RAY" start --block --address "$ip:$PORT" "${common[@]}" \
+        --dashboard-agent-listen-port 52366 --dashboard-agent-grpc-port 52376 \
+        --runtime-env-agent-port 52386 --metrics-export-port 52396 \
+        >"$ROOT/worker.log" 2>&1 &
     echo $! >"$ROOT/worker.pid"
     local gpus=0
     for _ in $(seq 240); do
         gpus=$(curl -sf "http://127.0.0.1:$DASHBOARD_PORT/nodes?view=summary" 2>/dev/null |
                python3 -c 'import json,sys; n=json.load(sys.stdin)["data"]["summary"]; print(sum(1 for x in n if x["raylet"]["state"]=="ALIVE"))' 2>/dev/null || echo 0)
         [ "$gpus" = 2 ] && break
+        kill -0 "$(cat "$ROOT/worker.pid")" 2>/dev/null || break
         sleep 0.5
     done
-    [ "$gpus" = 2 ] || { tail -20 "$ROOT/worker.log" >&2; echo "ray_local: second node did not join" >&2; exit 1; }
+    [ "$gpus" = 2 ] || { tail -20 "$ROOT/worker.log" >&2; echo "ray_local: second node did not join" >&2; return 1; }
     echo "ray up: 2 nodes x $NGPUS fake GPUs; export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT"
 }
 
@@ -87,7 +104,9 @@ down() {
 }
 
 case "${1:-}" in
-    up) up ;;
+    # One retry from scratch: a head whose dashboard missed its deadline on a loaded box has
+    # always come up on a second start.
+    up) up || { echo "ray_local: first start failed; stopping it and starting again" >&2; down; up; } ;;
     down) down ;;
     *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac
