@@ -90,9 +90,12 @@ def lane_environment(lane):
 def training_command(args):
     """What each experiment runs: the dispatcher in front of the training command for a cluster."""
     if args.backend == "local":
-        return args.train_command
-    train = args.train_command or (f"{shlex.quote(sys.executable)} train.py" if args.backend == "slurm"
-                                   else "python train.py")  # ray: the cluster's Python, not ours
+        return args.train_command  # None: the loop's default, under torchrun for --gpus N > 1
+    # The default is experiment.py's (train.py, under torchrun on several GPUs), but for ray with the
+    # cluster's Python, not ours.
+    default = common.default_training_command(args.gpus_per_run)
+    default = default if args.backend == "slurm" else ["python", *default[1:]]
+    train = args.train_command or shlex.join(default)
     words = [sys.executable, "scripts/dispatch.py", "--backend", args.backend, "--gpus", str(args.gpus_per_run)]
     if args.backend == "slurm":
         words += [f"--partition={args.partition}"] if args.partition else []
@@ -113,9 +116,16 @@ def command_start(args, loop_args):
     if changed:
         raise common.Refusal(f"uncommitted changes to tracked files ({', '.join(changed)}): the lanes start from "
                              "the last commit, so commit or revert them first")
-    gpus = args.gpu_ids.split(",") if args.gpu_ids else [str(k) for k in range(args.count)]
-    if args.backend == "local" and len(gpus) < args.count:
-        raise common.Refusal(f"--gpu-ids lists {len(gpus)} GPUs for {args.count} lanes: one GPU per lane")
+    if args.gpus_per_run < 1:
+        raise common.Refusal("--gpus-per-run must be at least 1")
+    per_run = args.gpus_per_run
+    gpus = args.gpu_ids.split(",") if args.gpu_ids else [str(k) for k in range(args.count * per_run)]
+    if args.backend == "local" and len(gpus) < args.count * per_run:
+        raise common.Refusal(f"--gpu-ids lists {len(gpus)} GPUs for {args.count} lanes of {per_run} GPU(s) each: "
+                             "every lane needs GPUs of its own")
+    # local: lane k trains on GPUs k*N .. k*N+N-1 of the list (CUDA_VISIBLE_DEVICES): N ranks under
+    # torchrun with the default command; a --train-command of its own starts its own processes on them.
+    gpus = [",".join(gpus[k * per_run:(k + 1) * per_run]) for k in range(args.count)]
     tag = args.tag or choose_tag()
     if set_file(tag).exists():
         raise common.Refusal(f"lane set {tag} exists already: choose another --tag")
@@ -137,6 +147,7 @@ def command_start(args, loop_args):
         options += ["--train-command", train] if train else []
         options += ["--no-sandbox"] if args.backend != "local" and "--no-sandbox" not in loop_args else []
         options += ["--gpu", lane["gpu"]] if lane["gpu"] is not None else []
+        options += ["--gpus", str(per_run)] if args.backend == "local" and per_run > 1 and not train else []
         options += ["--track", args.track] if args.track else []
         if "optuna" in loop_args and "--study-storage" not in loop_args:  # one study that every lane asks
             options += ["--study-storage", f"sqlite:///{LANES_DIR / tag / 'optuna.db'}", "--study-name", tag]
@@ -145,7 +156,7 @@ def command_start(args, loop_args):
             raise common.Refusal(f"{lane['name']}: loop.py start failed: {output.splitlines()[-1] if output else code}"
                                  f" (the lanes started so far run on: uv run scripts/lanes.py stop --tag {tag} --now)")
     wait_until_started(lanes["lanes"], {})
-    where = {"local": f"GPUs {','.join(gpus[:args.count])}", "slurm": "SLURM", "ray": "Ray"}[args.backend]
+    where = {"local": f"GPUs {(',' if per_run == 1 else ' | ').join(gpus)}", "slurm": "SLURM", "ray": "Ray"}[args.backend]
     print(f"lanes {tag}: {args.count} loops started on {where}, worktrees in "
           f"{(LANES_DIR / tag).relative_to(common.ROOT)}; uv run scripts/lanes.py status | plot | stop")
     return 0
@@ -380,8 +391,11 @@ def main(argv=None):
                        "Python; for ray, `python train.py` with the cluster's Python)")
     start.add_argument("--track", choices=("mlflow", "wandb", "none"),
                        help="record every lane's experiments in MLflow or W&B (loop.py's --track)")
-    start.add_argument("--gpu-ids", metavar="LIST", help="local: the GPU of each lane, comma-separated (default 0..N-1)")
-    start.add_argument("--gpus-per-run", type=int, default=1, metavar="N", help="slurm, ray: GPUs per training run")
+    start.add_argument("--gpu-ids", metavar="LIST", help="local: the GPUs the lanes share out, comma-separated, "
+                       "--gpus-per-run of them per lane in order (default 0..lanes*per_run-1)")
+    start.add_argument("--gpus-per-run", type=int, default=1, metavar="N",
+                       help="GPUs per experiment (default 1): N > 1 trains under torchrun, N ranks of DDP; "
+                            "slurm asks --gres=gpu:N, ray entrypoint_num_gpus=N")
     start.add_argument("--partition", help="slurm: the partition")
     start.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
                        help="slurm: an extra sbatch option (repeatable), e.g. --sbatch-option=--account=lab")

@@ -1020,7 +1020,7 @@ def add_run_options(parser, defaults):
     train.add_argument("--gpus", type=int, metavar="N", default=d("gpus"),
                        help="GPUs per experiment (experiment.py's --gpus; default 1): N > 1 trains under torchrun")
     train.add_argument("--gpu", metavar="ID", default=d("gpu"),
-                       help="pin this loop's training to one GPU (CUDA_VISIBLE_DEVICES), one lane per GPU")
+                       help="pin this loop's training to these GPUs (CUDA_VISIBLE_DEVICES: 0, or 0,1 with --gpus 2)")
 
 
 def add_session_options(parser):

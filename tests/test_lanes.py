@@ -41,6 +41,17 @@ def test_two_local_lanes_run_in_parallel_each_on_its_own_gpu(repo):
     assert "wrote runs/lanes/loc-progress.png (2 lanes, 6 experiments)" in repo.lanes("plot")
 
 
+def test_two_gpus_per_run_give_each_local_lane_a_pair_of_its_own(repo):
+    out = repo.lanes("start", "2", "--backend", "local", "--tag", "pair", "--gpus-per-run", "2",
+                     "--gpu-ids", "3,2,1,0", "--train-command", FAKE_TRAIN,
+                     "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "30")
+    assert "2 loops started on GPUs 3,2 | 1,0" in out
+    repo.wait_until_stopped(timeout=90)
+    for lane, pair in zip(repo.lane_paths("pair"), ("3,2", "1,0")):
+        runs = [run for run in repo.traces() if Path(run["cwd"]) == lane]
+        assert runs and {run["gpu"] for run in runs} == {pair}
+
+
 def test_stop_now_stops_every_loop_and_its_training(repo):
     repo.env["FAKE_SECONDS"] = "60"
     repo.lanes("start", "2", "--backend", "local", "--tag", "st", "--train-command", FAKE_TRAIN,
@@ -67,7 +78,11 @@ def test_refusals_are_one_line_with_exit_2(repo):
     result = repo.run("lanes", "status")
     assert result.returncode == 2 and "no lanes here" in result.stderr
     result = repo.run("lanes", "start", "3", "--backend", "local", "--gpu-ids", "0,1")
-    assert result.returncode == 2 and "one GPU per lane" in result.stderr
+    assert result.returncode == 2 and "every lane needs GPUs of its own" in result.stderr
+    result = repo.run("lanes", "start", "2", "--backend", "local", "--gpus-per-run", "2", "--gpu-ids", "0,1,2")
+    assert result.returncode == 2 and "3 GPUs for 2 lanes of 2 GPU(s) each" in result.stderr
+    result = repo.run("lanes", "start", "2", "--backend", "slurm", "--gpus-per-run", "0")
+    assert result.returncode == 2 and "--gpus-per-run must be at least 1" in result.stderr
     (repo.path / "train.py").write_text("changed\n")
     result = repo.run("lanes", "start", "2", "--backend", "slurm")
     assert result.returncode == 2 and "uncommitted changes" in result.stderr
@@ -83,13 +98,19 @@ def test_cluster_lanes_put_the_dispatcher_in_front_of_training():
         backend="slurm", train_command=None, gpus_per_run=2, partition="gpu", sbatch_option=["--account=lab"],
         address=None, env=[])
     command = lanes.training_command(args)
-    assert command.endswith(f"-- {sys.executable} train.py")
+    # Two GPUs per run: train.py under torchrun, as experiment.py --gpus 2 runs it.
+    assert command.endswith(f"-- {sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2 train.py")
     assert "scripts/dispatch.py --backend slurm --gpus 2 --partition=gpu --sbatch-option=--account=lab" in command
+    args.gpus_per_run = 1
+    assert lanes.training_command(args).endswith(f"-- {sys.executable} train.py")
     args.backend, args.address, args.env = "ray", "http://head:8265", ["WANDB_API_KEY"]
     command = lanes.training_command(args)
-    assert "--address=http://head:8265 --env=WANDB_API_KEY -- python train.py" in command
+    assert "--gpus 1 --address=http://head:8265 --env=WANDB_API_KEY -- python train.py" in command
+    args.gpus_per_run = 4
+    assert lanes.training_command(args).endswith("-- python -m torch.distributed.run --standalone "
+                                                 "--nproc_per_node=4 train.py")  # the cluster's Python
     args.backend = "local"
-    assert lanes.training_command(args) is None  # the loop's default: train.py with the lane's GPU
+    assert lanes.training_command(args) is None  # the loop's default: train.py with the lane's GPUs
 
 
 def test_skypilot_task_asks_for_one_gpu_ships_the_repository_and_runs_the_loop():

@@ -74,6 +74,20 @@ def test_four_lanes_on_four_gpus_record_every_experiment_in_its_own_lane(repo, c
     assert "4 experiments" in repo.lanes("status")
 
 
+def test_two_gpus_per_run_give_each_job_two_gpus_of_one_node(repo, client):
+    repo.env["FAKE_SECONDS"] = "4"
+    repo.lanes("start", "2", "--backend", "ray", "--tag", "r2", "--gpus-per-run", "2", "--train-command",
+               FAKE_TRAIN, *PASS_THROUGH, "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "90")
+    repo.wait_until_stopped(timeout=120)
+    runs = [run for run in repo.traces() if run["event"] == "run"]
+    assert len(runs) == 2
+    for run in runs:
+        run["node"] = client.get_job_info(run["job"]).driver_node_id
+        assert sorted(run["gpu"].split(",")) == ["0", "1"]  # a node's two GPUs, both for this job
+    for first, second in overlapping(runs):
+        assert first["node"] != second["node"]
+
+
 def start_hung_job(repo, name):
     path = repo.path.parent / name
     repo.git("worktree", "add", "-q", "--detach", str(path), "HEAD")

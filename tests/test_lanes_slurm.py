@@ -64,6 +64,17 @@ def test_four_lanes_on_four_gpus_record_every_experiment_in_its_own_lane(repo):
     assert "4 lanes" in repo.lanes("plot") and (repo.path / "runs" / "lanes" / "s-progress.png").exists()
 
 
+def test_two_gpus_per_run_give_each_job_both_gpus_of_a_node(repo):
+    repo.lanes("start", "2", "--backend", "slurm", "--tag", "s2", "--gpus-per-run", "2", "--train-command",
+               FAKE_TRAIN, "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "60")
+    repo.wait_until_stopped(timeout=150)
+    runs = [run for run in repo.traces() if run["event"] == "run"]
+    assert len(runs) == 2
+    assert all(sorted(run["gpu"].split(",")) == ["0", "1"] for run in runs)  # --gres=gpu:2 on one node
+    for first, second in overlapping(runs):
+        assert first["node"] != second["node"]
+
+
 def start_hung_job(repo, name):
     """dispatch.py in a worktree of its own (one job in flight per worktree), training that hangs."""
     path = repo.path.parent / name
