@@ -134,7 +134,15 @@ def test_modal_app_requests_the_gpu_ships_train_py_and_runs_it():
     assert 'os.environ.get("AUTORESEARCH_MODAL_GPU", "H100:1")' in source
     assert "CACHE: volume" in ast.unparse(keywords["volumes"])
     body = ast.unparse(functions["train"])
-    assert "write_text(train_py)" in body and "['uv', 'run', 'train.py']" in body
+    assert "write_text(train_py)" in body
+    # H100:8 is eight DDP ranks under torchrun, one GPU each; H100 or H100:1 is train.py alone.
+    count = next(ast.unparse(node) for node in tree.body if ast.unparse(node).startswith("GPU_COUNT ="))
+    for spec, expected in (("H100:8", 8), ("A100-80GB:2", 2), ("H100", 1), ("H100:1", 1)):
+        namespace = {"GPU": spec}
+        exec(count, namespace)
+        assert namespace["GPU_COUNT"] == expected
+    assert "'--standalone', f'--nproc_per_node={GPU_COUNT}'" in body
+    assert "['uv', 'run', *(ranks if GPU_COUNT > 1 else []), 'train.py']" in body
     entry = ast.unparse(functions["main"])
     assert "train.remote(Path('train.py').read_text()" in entry and "sys.exit(code)" in entry
     for shipped in ("pyproject.toml", "uv.lock", "prepare.py"):

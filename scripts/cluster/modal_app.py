@@ -1,4 +1,4 @@
-"""Run one training run on Modal: train.py of the lane on a GPU of a given type and count.
+"""Run one training run on Modal: train.py of the lane on GPUs of a given type and count.
 
 A lane whose training goes to Modal uses this app as its training command; `modal run` streams
 the remote output (into run.log), exits non-zero when training fails, and stops the remote run
@@ -22,6 +22,7 @@ from pathlib import Path
 import modal
 
 GPU = os.environ.get("AUTORESEARCH_MODAL_GPU", "H100:1")  # Modal's "TYPE:COUNT"
+GPU_COUNT = int(GPU.rpartition(":")[2]) if ":" in GPU else 1
 TIMEOUT_SECONDS = int(os.environ.get("AUTORESEARCH_MODAL_TIMEOUT", "1200"))  # a backstop: experiment.py's comes first
 PROJECT = Path(__file__).resolve().parent.parent.parent
 REMOTE = "/root/autoresearch"
@@ -49,10 +50,12 @@ def prepare(dataset: str = "climbmix"):
 
 @app.function(gpu=GPU, volumes={CACHE: volume}, timeout=TIMEOUT_SECONDS)
 def train(train_py: str, seed: str) -> int:
-    """Write the lane's train.py beside prepare.py and run it; its output streams back as it comes."""
+    """Write the lane's train.py beside prepare.py and run it (on several GPUs under torchrun, one
+    DDP rank per GPU, as experiment.py --gpus N does); its output streams back as it comes."""
     Path(REMOTE, "train.py").write_text(train_py)
     env = dict(os.environ, AUTORESEARCH_CACHE=CACHE, AUTORESEARCH_SEED=seed, PYTHONUNBUFFERED="1")
-    return subprocess.run(["uv", "run", "train.py"], cwd=REMOTE, env=env).returncode
+    ranks = ["python", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={GPU_COUNT}"]
+    return subprocess.run(["uv", "run", *(ranks if GPU_COUNT > 1 else []), "train.py"], cwd=REMOTE, env=env).returncode
 
 
 @app.local_entrypoint()
