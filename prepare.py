@@ -39,6 +39,7 @@ import signal
 import sys
 import sysconfig
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -1149,6 +1150,11 @@ def check_exported_program(program):
 
 def load_saved_model(path):
     """The exported program's module, loaded without running anything the experiment wrote."""
+    return load_saved_program(path).module()
+
+
+def load_saved_program(path):
+    """The exported program, checked, loaded without running anything the experiment wrote."""
     import torch
     try:
         data = Path(path).read_bytes()
@@ -1169,7 +1175,7 @@ def load_saved_model(path):
         check_exported_program(program)
     except Refused as refusal:
         invalid(f"the saved model is refused: {refusal}")
-    return program.module()
+    return program
 
 
 def saved_batch_size(path):
@@ -1186,15 +1192,110 @@ def saved_batch_size(path):
     return batch_size
 
 
-def score_saved_model(path, split, batch_size):
-    """val_bpb (or test) of a model saved by save_for_referee, computed here from its logits,
-    with the causality probe. Autocast in bf16 on CUDA, as training evaluates."""
+# ---------------------------------------------------------------------------
+# Parameter golf's artifact: the model in int8 with float16 scales, compressed with zlib at level 9.
+# Its size is the training code's bytes plus the compressed model's, and the score that counts is
+# the model's after the round trip (compress, decompress, dequantise).
+# ---------------------------------------------------------------------------
+
+GOLF_LIMIT_BYTES = 16_000_000  # the challenge's limit on code plus compressed model (decimal MB)
+INT8_CLIP_QUANTILE = 0.9999984  # each row is clipped at this quantile of |w| before scaling, as the
+INT8_MIN_NUMEL = 65_536         # challenge's baseline does; tensors this small or 1-D stay float16
+ZLIB_LEVEL = 9
+
+
+def golf_tensors(program):
+    """Every tensor the exported program computes with, by name: its parameters, its buffers and
+    its lifted constants (a weight kept as a constant still counts, and still goes round the trip)."""
+    tensors = dict(program.state_dict)
+    for name, value in program.constants.items():
+        if hasattr(value, "dtype"):  # script objects are refused when the program is checked
+            tensors[f"constant:{name}"] = value
+    return dict(sorted(tensors.items()))
+
+
+def quantize_int8(tensor):
+    """int8 rows with one float16 scale per row: |w| clipped at INT8_CLIP_QUANTILE of its row."""
     import torch
-    module = load_saved_model(path)
+    rows = tensor.detach().float().reshape(tensor.shape[0], -1)
+    magnitude = rows.abs()
+    k = max(1, min(rows.shape[1], math.ceil(INT8_CLIP_QUANTILE * rows.shape[1])))
+    clip = magnitude.kthvalue(k, dim=1).values.clamp_min(1e-12)
+    scale = (clip / 127.0).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+    values = torch.clamp(torch.round(rows.clamp(-clip[:, None], clip[:, None]) / scale.float()[:, None]), -127, 127)
+    return values.to(torch.int8), scale
+
+
+def golf_payload(tensors):
+    """The model as bytes before compression: per tensor, one JSON header line and its data."""
+    import torch
+    parts = []
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu()
+        header = {"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        if tensor.is_floating_point() and tensor.dim() >= 2 and tensor.numel() > INT8_MIN_NUMEL:
+            values, scale = quantize_int8(tensor)
+            blobs = [values.numpy().tobytes(), scale.numpy().tobytes()]
+            header["kind"] = "int8"
+        elif tensor.is_floating_point():
+            blobs, header["kind"] = [tensor.to(torch.float16).contiguous().numpy().tobytes()], "float16"
+        else:
+            blobs, header["kind"] = [tensor.contiguous().numpy().tobytes()], "raw"
+        header["sizes"] = [len(blob) for blob in blobs]
+        parts += [json.dumps(header, sort_keys=True).encode() + b"\n", *blobs]
+    return b"".join(parts)
+
+
+def golf_unpack(payload):
+    """golf_payload's bytes back to tensors, dequantised: {name: float32 or original-dtype tensor}."""
+    import torch
+    tensors, offset = {}, 0
+    while offset < len(payload):
+        end = payload.index(b"\n", offset)
+        header = json.loads(payload[offset:end])
+        offset = end + 1
+        blobs = []
+        for size in header["sizes"]:
+            blobs.append(payload[offset:offset + size])
+            offset += size
+        shape, dtype = header["shape"], getattr(torch, header["dtype"])
+        if header["kind"] == "int8":
+            values = torch.frombuffer(bytearray(blobs[0]), dtype=torch.int8).reshape(shape[0], -1).float()
+            scale = torch.frombuffer(bytearray(blobs[1]), dtype=torch.float16).float()
+            tensor = (values * scale[:, None]).reshape(shape).to(dtype)
+        elif header["kind"] == "float16":
+            tensor = torch.frombuffer(bytearray(blobs[0]), dtype=torch.float16).reshape(shape).to(dtype)
+        else:
+            tensor = torch.frombuffer(bytearray(blobs[0]), dtype=dtype).reshape(shape)
+        tensors[header["name"]] = tensor
+    return tensors
+
+
+def golf_round_trip(program):
+    """Compress the program's tensors as the challenge does, decompress them, and put the result in
+    the program in place of the originals. Returns the compressed model's size in bytes."""
+    import torch
+    tensors = golf_tensors(program)
+    compressed = zlib.compress(golf_payload(tensors), ZLIB_LEVEL)
+    restored = golf_unpack(zlib.decompress(compressed))
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            tensor.copy_(restored[name].to(tensor.device))
+    return len(compressed)
+
+
+def score_saved_model(path, split, batch_size, golf=False):
+    """val_bpb (or test) of a model saved by save_for_referee, computed here from its logits,
+    with the causality probe. Autocast in bf16 on CUDA, as training evaluates. With golf, after
+    the int8+zlib round trip; returns (bpb, compressed model bytes or None)."""
+    import torch
+    program = load_saved_program(path)
+    model_bytes = golf_round_trip(program) if golf else None
+    module = program.module()
     device = next(module.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with autocast:
-        return evaluate_bpb(module, batch_size, split)
+        return evaluate_bpb(module, batch_size, split), model_bytes
 
 
 def score_main(argv):
@@ -1207,16 +1308,36 @@ def score_main(argv):
     parser.add_argument("--split", default="val", choices=["val", "test"], help="val (default) or the held-out test")
     parser.add_argument("--batch-size", type=int,
                         help="rows per forward pass (default: the batch size train.py saved next to the model, else 32)")
+    parser.add_argument("--int8-zlib", action="store_true",
+                        help="parameter golf: score the model after its int8+zlib round trip and print the "
+                             "artifact's size (the --code files' bytes plus the compressed model's)")
+    parser.add_argument("--code", action="append", default=[], metavar="FILE",
+                        help="with --int8-zlib: a file of the submission's code, counted in its size (repeatable)")
     args = parser.parse_args(argv)
     if not Path(args.model).is_file():
         fail(f"no saved model at {args.model}")
+    if args.code and not args.int8_zlib:
+        fail("--code counts the code of a parameter-golf artifact: give it with --int8-zlib")
+    code_bytes = 0
+    for name in args.code:
+        try:
+            code_bytes += len(Path(name).read_bytes())
+        except OSError as error:
+            fail(f"cannot read --code {name}: {error.strerror}")
     if args.batch_size is not None and not 1 <= args.batch_size <= 1 << 16:
         fail(f"--batch-size must be from 1 to 65536, got {args.batch_size}")
     require_prepared_dir()
     if not evaluation_available():
         fail(f"no evaluation data readable in {eval_dir()}: run prepare.py again")
     started = time.time()
-    bpb = score_saved_model(args.model, args.split, args.batch_size or saved_batch_size(args.model))
+    bpb, model_bytes = score_saved_model(args.model, args.split, args.batch_size or saved_batch_size(args.model),
+                                         golf=args.int8_zlib)
+    if args.int8_zlib:  # the challenge's own lines, then ours
+        print(f"final_int8_zlib_roundtrip {args.split}_bpb:{bpb:.8f}")
+        print(f"Serialized model int8+zlib: {model_bytes} bytes")
+        print(f"Total submission size int8+zlib: {code_bytes + model_bytes} bytes")
+        print(f"artifact_bytes: {code_bytes + model_bytes}")
+        print(f"artifact_limit_bytes: {GOLF_LIMIT_BYTES}")
     print(f"{args.split}_bpb: {bpb:.6f}")
     print(f"score_seconds: {time.time() - started:.1f}")
 

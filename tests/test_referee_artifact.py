@@ -8,6 +8,7 @@ causal model with torch's own archive writer, so only the attacked part differs.
 
 import importlib
 import json
+import math
 import os
 import pickle
 import re
@@ -238,3 +239,107 @@ def test_guards_that_are_code_never_run(prepared, builtin_cache, tmp_path):
     result = referee(crafted, builtin_cache)  # the referee drops the guards: the model still scores
     assert result.returncode == 0, result.stderr
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------
+# Parameter golf: the int8+zlib round trip and the artifact's size
+
+class GolfModel(torch.nn.Module):
+    """Big enough for int8 rows (the embedding), a float16 tensor (the norm), and a bias table kept
+    as a non-persistent buffer: a lifted constant, which must count in the artifact like a weight."""
+
+    def __init__(self, vocab, hidden_bias=0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = torch.nn.Embedding(vocab, 32)
+        self.norm = torch.nn.LayerNorm(32)
+        self.head = torch.nn.Linear(32, vocab, bias=False)
+        self.register_buffer("table", torch.randn(max(hidden_bias, 1), vocab) * 0.01, persistent=False)
+
+    def forward(self, idx):
+        return self.head(self.norm(self.embedding(idx))) + self.table[:1]
+
+
+def golf_referee(model, cache, *extra):
+    lone = model.parent / "referee"
+    lone.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "prepare.py", lone)
+    return subprocess.run([sys.executable, "-I", str(lone / "prepare.py"), "score", str(model), "--int8-zlib", *extra],
+                          cwd=lone, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, AUTORESEARCH_CACHE=str(cache)))
+
+
+def printed(result, pattern):
+    return re.search(pattern, result.stdout, re.MULTILINE).group(1)
+
+
+def test_golf_scores_the_round_tripped_model_and_counts_code_plus_compressed_model(prepared, builtin_cache, tmp_path):
+    import zlib
+    model = GolfModel(prepared.VOCAB_SIZE)
+    path = export(prepared, model, tmp_path / "model.pt2")
+    code = tmp_path / "train.py"
+    code.write_bytes(b"print('a training script')\n" * 1000)
+    result = golf_referee(path, builtin_cache, "--code", str(code))
+    assert result.returncode == 0, result.stderr
+    model_bytes = int(printed(result, r"^Serialized model int8\+zlib: (\d+) bytes$"))
+    total = int(printed(result, r"^Total submission size int8\+zlib: (\d+) bytes$"))
+    assert total == int(printed(result, r"^artifact_bytes: (\d+)$")) == len(code.read_bytes()) + model_bytes
+    # The compressed model is exactly zlib level 9 of the payload of every tensor of the program.
+    program = torch.export.load(str(path))
+    assert model_bytes == len(zlib.compress(prepared.golf_payload(prepared.golf_tensors(program)), 9))
+    # The score is the round-tripped model's: close to the float model's, but not the same number.
+    with torch.no_grad():
+        original = prepared.evaluate_bpb(model.eval(), batch_size=8)
+        prepared.golf_round_trip(program)
+        expected = prepared.evaluate_bpb(program.module(), batch_size=8)
+    bpb = float(printed(result, r"^val_bpb: (\S+)$"))
+    assert bpb == pytest.approx(expected, abs=2e-6) and bpb != pytest.approx(original, abs=1e-6)
+    assert abs(bpb - original) < 0.01
+    assert float(printed(result, r"^final_int8_zlib_roundtrip val_bpb:(\S+)$")) == pytest.approx(bpb, abs=1e-6)
+
+
+def test_golf_counts_weights_hidden_in_a_non_persistent_buffer(prepared, builtin_cache, tmp_path):
+    # The attack: 500 rows of a random table as a non-persistent buffer, which torch.export lifts out
+    # of the state dict into the program's constants. Counting only the state dict would miss it.
+    plain = golf_referee(export(prepared, GolfModel(prepared.VOCAB_SIZE), tmp_path / "plain.pt2"), builtin_cache)
+    hidden = golf_referee(export(prepared, GolfModel(prepared.VOCAB_SIZE, hidden_bias=500), tmp_path / "hidden.pt2"),
+                          builtin_cache)
+    assert plain.returncode == 0 and hidden.returncode == 0, plain.stderr + hidden.stderr
+    extra = int(printed(hidden, r"^artifact_bytes: (\d+)$")) - int(printed(plain, r"^artifact_bytes: (\d+)$"))
+    assert extra > 0.8 * 500 * prepared.VOCAB_SIZE  # about a byte per int8 of random values, incompressible
+
+
+def test_int8_rows_stay_within_half_a_step_of_the_clipped_weights(prepared):
+    torch.manual_seed(1)
+    weight = torch.randn(300, 400)
+    values, scale = prepared.quantize_int8(weight)
+    assert values.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (300,)
+    restored = values.float() * scale.float()[:, None]
+    assert ((restored - weight).abs() <= scale.float()[:, None] / 2 + 1e-6).all()  # no clipping in 400 columns
+    # A row of a million: the quantile is its second largest |w|, so one outlier is clipped to it and
+    # does not ruin the resolution of the rest of its row.
+    wide = torch.randn(2, 1_000_000)
+    wide[0, 0] = 1000.0
+    values, scale = prepared.quantize_int8(wide)
+    second = wide[0].abs().sort().values[-2]
+    assert float(values[0, 0]) * float(scale[0]) == pytest.approx(float(second), rel=2e-3)
+    assert math.ceil(prepared.INT8_CLIP_QUANTILE * 1_000_000) == 1_000_000 - 1
+    tensors = {"big": weight, "small": torch.randn(10, 10), "steps": torch.arange(5)}
+    payload = prepared.golf_payload(tensors)
+    assert payload == prepared.golf_payload(dict(tensors))  # the same model, the same bytes
+    back = prepared.golf_unpack(payload)
+    assert torch.equal(back["small"], tensors["small"].half().float())  # small tensors travel as float16
+    assert torch.equal(back["steps"], tensors["steps"])
+    assert back["big"].shape == weight.shape and (back["big"] - restored).abs().max() == 0
+
+
+def test_code_is_counted_only_for_a_golf_artifact(prepared, builtin_cache, tmp_path):
+    path = export(prepared, TinyCausalModel(prepared.VOCAB_SIZE), tmp_path / "model.pt2")
+    result = referee(path, builtin_cache)
+    assert "artifact_bytes" not in result.stdout
+    lone = tmp_path / "referee"
+    result = subprocess.run([sys.executable, "-I", str(lone / "prepare.py"), "score", str(path), "--code", "train.py"],
+                            cwd=lone, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache)))
+    assert result.returncode == 1 and result.stderr.strip() == \
+        "prepare: error: --code counts the code of a parameter-golf artifact: give it with --int8-zlib"

@@ -14,7 +14,8 @@
 #     bash scripts/cluster/ray_local.sh down
 # Environment: RAY_LOCAL_ROOT (default /tmp/autoresearch-ray), NGPUS per node (2),
 # RAY_LOCAL_PORT (GCS, 6390), RAY_LOCAL_DASHBOARD_PORT (Jobs API, 8265), RAY (the ray CLI, default
-# .venv/bin/ray of this repository when it exists, else ray on PATH).
+# .venv/bin/ray of this repository when it exists, else ray on PATH), RAY_LOCAL_ATTEMPTS (starts
+# tried before giving up, 5).
 set -euo pipefail
 ROOT=${RAY_LOCAL_ROOT:-/tmp/autoresearch-ray}
 NGPUS=${NGPUS:-2}
@@ -113,11 +114,19 @@ down() {
     echo "ray down"
 }
 
+attempts() {  # on a loaded box an agent that missed the raylet's deadline once starts faster the next time
+    local k
+    for k in $(seq "${RAY_LOCAL_ATTEMPTS:-5}"); do
+        up && return 0
+        echo "ray_local: start $k failed; stopping it and starting again" >&2
+        down
+    done
+    echo "ray_local: Ray did not start in ${RAY_LOCAL_ATTEMPTS:-5} attempts (logs: $TEMP/session_latest/logs)" >&2
+    return 1
+}
+
 case "${1:-}" in
-    # Two retries from scratch: on a loaded box an agent that missed the raylet's deadline once
-    # starts faster the next time (its files are cached).
-    up) up || { echo "ray_local: start failed; stopping it and starting again" >&2; down; up; } ||
-            { echo "ray_local: start failed again; one last try" >&2; down; up; } ;;
+    up) attempts ;;
     down) down ;;
     *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac
