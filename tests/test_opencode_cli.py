@@ -86,7 +86,10 @@ def test_agents_md_and_the_skills_reach_the_model(opencode, project):
     assert result.stdout.strip() == "Nothing to do."
     [skill] = tool_outputs(model.agent_requests[1])  # the skill loads through the guard plugin
     assert "name: ml-experiment-loop" in skill or "uv run scripts/experiment.py" in skill, skill[:500]
-    assert seconds < 30  # no npm install at start-up (offline it cost 75 s)
+    # No npm install at start-up (offline it cost 75 s): OpenCode installs into .opencode/ folders,
+    # and the guard plugin lives outside them. Checked by what is on disk, not by the clock (this VM's
+    # speed varies tenfold within an hour).
+    assert not (root / ".opencode" / "node_modules").exists(), seconds
     first = all_text(model.agent_requests[0])
     assert "If you were asked to do research" in first  # AGENTS.md, in the system prompt
     assert "ml-experiment-loop" in first and "research-report" in first  # the skills
@@ -118,7 +121,6 @@ def test_the_rules_are_refused_by_machine_and_train_py_is_not(opencode, project,
     ]
     result, model, seconds = run_opencode(opencode, root, env, script)
     assert result.returncode == 0, result.stderr
-    assert seconds < 60
     outputs = [" ".join(tool_outputs(request)) for request in model.agent_requests[1:]]
     assert len(outputs) == len(script) - 1, outputs
     log, prepare, scripts, push, install, train = outputs
@@ -154,14 +156,12 @@ def test_the_loop_drives_the_real_opencode_cli(opencode, project, tmp_path):
     ]
     prepare = sha256(root / "prepare.py")
     with ScriptedOpenAI(script) as model:
-        started = time.monotonic()
         result = subprocess.run(
             [sys.executable, "scripts/loop.py", "start", "--agent", "opencode", "--agent-bin", opencode,
              "--max-experiments", "1", "--noise-runs", "0", "--no-referee", "--agent-timeout", "120"],
             cwd=root, env=dict(env, OPENCODE_CONFIG_CONTENT=provider(model), PWD=str(elsewhere)),
             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert time.monotonic() - started < 60
     rows = [line.split("\t") for line in (root / "results.tsv").read_text().splitlines()[1:]]
     assert [description(row) for row in rows] == ["baseline", ANSWER["description"]]
     call = json.loads((root / "runs" / "loop" / "0001" / "iteration.json").read_text())["agent_calls"][0]
