@@ -49,9 +49,9 @@ up() {
     # installs has taken longer (the dashboard imports ~10 modules, each a subprocess). Give it 5 min.
     export HOME=$ROOT/home RAY_USAGE_STATS_ENABLED=0 PATH=$(dirname "$RAY"):$PATH \
         RAY_DASHBOARD_STARTUP_TIMEOUT_S=${RAY_DASHBOARD_STARTUP_TIMEOUT_S:-300}
-    # Every agent port is fixed: with a port left to chance, the raylet waits for the agent to write
-    # it to a file, and gives up after a hard-coded 15 s (ray-project/ray#65983); a Python agent
-    # importing Ray on a loaded 2-core box has taken longer.
+    # The agent ports are fixed, each node its own, so the two nodes on one machine never collide.
+    # They do not spare the raylet its wait for the agent's port files (a hard-coded 15 s in Ray
+    # 2.60, ray-project/ray#65983): the bytecode, warm imports and retries below are for that.
     # Both nodes take the address Ray itself picks for this machine: `ray start --address
     # 127.0.0.1:PORT` rewrites a loopback address to that one, so a head bound to 127.0.0.1 is
     # unreachable from the second node whenever the machine has a routed interface.
