@@ -43,6 +43,28 @@ ray_pids() {  # every process of ours: the two sessions `up` started, and whatev
     done
 }
 
+# The raylet gives its dashboard agent a hard-coded 15 s to write the agent's listen-port file
+# (Ray 2.60: `ray start` hands the raylet every other agent port, but not this one, and the raylet
+# skips the wait only when it has all of them: NodeManager::WaitForDashboardAgentPorts in the
+# raylet binary), and then aborts the node; on this box the agent has taken 25-30 s to get there. The listen port is fixed here, so the file's content is known: write it for the
+# raylet as soon as the raylet is up. The agent, when it is up, writes the same number again.
+answer_listen_port() {  # $1: the node's --dashboard-agent-grpc-port, $2: its listen port
+    local pid args session node file
+    for _ in $(seq 3000); do
+        pid=$(pgrep -f -- "raylet/raylet .*--temp_dir=$TEMP .*--metrics-agent-port=$1( |$)" | head -1)
+        if [ -n "$pid" ] && args=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null); then
+            session=$(sed -n 's/^--session_dir=//p' <<<"$args")
+            node=$(sed -n 's/^--node_id=//p' <<<"$args")
+            file=$session/dashboard_agent_listen_port_$node
+            if [ -n "$session" ] && [ -n "$node" ]; then
+                [ -e "$file" ] || { printf %s "$2" >"$file.$$" && mv -f "$file.$$" "$file"; }
+                return 0
+            fi
+        fi
+        sleep 0.2
+    done
+}
+
 up() {
     mkdir -p "$ROOT/home" "$TEMP"
     # Ray gives its dashboard 60 s to register before `ray start` gives up; a CI box busy with
@@ -50,25 +72,24 @@ up() {
     export HOME=$ROOT/home RAY_USAGE_STATS_ENABLED=0 PATH=$(dirname "$RAY"):$PATH \
         RAY_DASHBOARD_STARTUP_TIMEOUT_S=${RAY_DASHBOARD_STARTUP_TIMEOUT_S:-300}
     # The agent ports are fixed, each node its own, so the two nodes on one machine never collide.
-    # They do not spare the raylet its wait for the agent's port files (a hard-coded 15 s in Ray
-    # 2.60, ray-project/ray#65983): the bytecode, warm imports and retries below are for that.
     # Both nodes take the address Ray itself picks for this machine: `ray start --address
     # 127.0.0.1:PORT` rewrites a loopback address to that one, so a head bound to 127.0.0.1 is
     # unreachable from the second node whenever the machine has a routed interface.
-    # Ray's agents must start within the raylet's 15 s, and a fresh venv has no bytecode (uv writes
-    # none, and PYTHONDONTWRITEBYTECODE keeps Python from writing it): compiling Ray's modules
-    # first halves each agent's start (7.7 s to 3.0 s of imports on a 2-core box).
+    # Ray's agents import slowly on a loaded box (25-30 s seen here), so compile Ray's modules
+    # first (a fresh venv has no bytecode: uv writes none) and import them once...
     local python site
     python="$(dirname "$(command -v "$RAY")")/python"
     [ -x "$python" ] || python=python3
     site=$("$python" -c 'import importlib.util as u; print(u.find_spec("ray").submodule_search_locations[0])' 2>/dev/null) \
         && "$python" -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true
-    # ...and importing what the agents import, once, puts those files in the page cache.
+    # ...which puts those files in the page cache.
     "$python" -c 'import ray.dashboard.agent, ray.dashboard.modules.reporter.reporter_agent, ray.dashboard.modules.job.job_agent, ray.dashboard.modules.log.log_agent, ray.dashboard.modules.event.event_agent, ray.dashboard.modules.aggregator.aggregator_agent, ray._private.runtime_env.agent.main' >/dev/null 2>&1 || true
     local ip
     ip=$("$python" -c 'from ray._private.services import get_node_ip_address as g; print(g())' 2>/dev/null || echo 127.0.0.1)
     local common=(--node-ip-address "$ip" --num-cpus 1 --num-gpus "$NGPUS"
                   --object-store-memory 100000000 --disable-usage-stats)
+    answer_listen_port 52375 52365 &
+    local answer_head=$!
     # --block keeps one supervisor per node in the foreground of its own process group.
     setsid "$RAY" start --head --block --port "$PORT" --temp-dir "$TEMP" --include-dashboard true \
         --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" "${common[@]}" \
@@ -81,8 +102,10 @@ up() {
         kill -0 "$(cat "$ROOT/head.pid")" 2>/dev/null || break   # `ray start` gave up: no use waiting
         sleep 0.5
     done
-    curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" >/dev/null || { tail -20 "$ROOT/head.log" >&2; return 1; }
+    curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" >/dev/null || { kill $answer_head 2>/dev/null; tail -20 "$ROOT/head.log" >&2; return 1; }
     # A second node on the same machine needs its own agent ports, else its job logs fail.
+    answer_listen_port 52376 52366 &
+    local answer_worker=$!
     setsid "$RAY" start --block --address "$ip:$PORT" "${common[@]}" \
         --dashboard-agent-listen-port 52366 --dashboard-agent-grpc-port 52376 \
         --runtime-env-agent-port 52386 --metrics-export-port 52396 \
@@ -96,6 +119,7 @@ up() {
         kill -0 "$(cat "$ROOT/worker.pid")" 2>/dev/null && kill -0 "$(cat "$ROOT/head.pid")" 2>/dev/null || break
         sleep 0.5
     done
+    kill $answer_head $answer_worker 2>/dev/null || true
     [ "$gpus" = 2 ] || { tail -20 "$ROOT/worker.log" >&2; echo "ray_local: second node did not join" >&2; return 1; }
     echo "ray up: 2 nodes x $NGPUS fake GPUs; export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT"
 }
