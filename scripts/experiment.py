@@ -272,7 +272,8 @@ def run_experiment(args):
         pending["training_pgid"] = pid
         common.write_json_atomic(common.PENDING_FILE, pending)
 
-    run = runner.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid)
+    run = runner.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid,
+                           ranks=args.gpus)
     runner.score_run(run, run_dir, session, timeout)  # every run is scored by the referee: its number decides
     if not linked:
         common.RUN_LOG.write_bytes(run_log.read_bytes())
@@ -367,7 +368,8 @@ def confirm(args):
 
     command = common.training_command(args.train_command, args.gpus)
     started_at = common.now_iso()
-    run = runner.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid)
+    run = runner.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid,
+                           ranks=args.gpus)
     runner.score_run(run, run_dir, session, timeout)
     common.write_json_atomic(run_dir / "summary.json", {
         "id": run_dir.name[:4], "kind": "confirmation", "confirms": pending["run_dir"].split("/")[-1],

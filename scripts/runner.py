@@ -644,13 +644,16 @@ def allowance_from(overheads, budget):
                      max(ALLOWANCE_MIN_SECONDS, ALLOWANCE_FACTOR * worst + ALLOWANCE_SLACK * budget)), 3)
 
 
-def compute_limit(session):
-    """Seconds of compute (cpu or wall) a run may use: the budget plus the session's allowance."""
+def compute_limit(session, processes=1):
+    """Seconds of compute (cpu or wall) a run may use: the budget plus the session's allowance, once
+    per process that pays the start-up (`processes`: on the CPU clock, each rank under torchrun and
+    torchrun itself import torch and the ranks each export; train.py already shares the budget itself
+    among the ranks)."""
     budget = (session or {}).get("time_budget")
     if not is_finite_number(budget):
         return None
     allowance = session.get("allowance_s")
-    return budget + (allowance if is_finite_number(allowance) else allowance_cap(budget))
+    return budget + processes * (allowance if is_finite_number(allowance) else allowance_cap(budget))
 
 
 def record_overhead(session, run):
@@ -662,12 +665,13 @@ def record_overhead(session, run):
     session["allowance_s"] = allowance_from(session["overheads_s"], budget)
 
 
-def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: None):
+def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: None, ranks=1):
     """Train once with output in run_dir/run.log and the model saved to run_dir/out/model.pt2, in the
     sandbox when the session allows it, with the compute measured by this helper and capped at the
     budget plus the session's allowance. Returns {status: ok | crash | invalid, val_bpb (what
     train.py printed, None under the sandbox), metrics, failure (triage, or None), exit_code,
-    timed_out, interrupted, wall_seconds, compute_seconds, compute_limit_s, clock, protections, sandbox}."""
+    timed_out, interrupted, wall_seconds, compute_seconds, compute_limit_s, clock, protections, sandbox}.
+    ranks > 1: the default command under torchrun, whose processes each pay the start-up on the CPU clock."""
     run_dir = Path(run_dir)
     run_log = run_dir / "run.log"
     out = run_dir / OUT_DIR
@@ -685,8 +689,8 @@ def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: Non
     if sandboxed:  # compiler caches in the sandbox's own /tmp: nothing a run writes reaches the next one
         env.update(TORCHINDUCTOR_CACHE_DIR="/tmp/inductor", TRITON_CACHE_DIR="/tmp/triton")
     wrapped = training_sandbox(command, out, hide_eval=guards["referee"] == "on") if sandboxed else command
-    limit = compute_limit(session)
     clock = guards["compute_measured"]
+    limit = compute_limit(session, ranks + 1 if ranks > 1 and clock == "cpu_time" else 1)
     run = run_logged(wrapped, run_log, env, timeout, on_start, compute_limit=limit, clock=clock, sandboxed=sandboxed)
     tail = read_tail(run_log)
     finished = run["exit_code"] == 0 and not run["timed_out"] and not run["interrupted"] and not run["over_budget"]
@@ -700,9 +704,10 @@ def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: Non
     elif run["over_budget"]:
         budget = session.get("time_budget")
         what = "CPU time of its processes" if clock == "cpu_time" else "wall time"
+        of = f" of {ranks} ranks and torchrun" if ranks > 1 and clock == "cpu_time" else ""
         status, failure = "invalid", {"kind": "over_budget", "excerpt": [], "detail": (
             f"trained past the budget: {run['compute_seconds']:.1f} s of {what} measured, more than the "
-            f"{limit:.1f} s allowed ({budget:g} s budget + {limit - budget:.1f} s for start-up, evaluation and export)")}
+            f"{limit:.1f} s allowed ({budget:g} s budget + {limit - budget:.1f} s for start-up, evaluation and export{of})")}
     elif tampered:
         status, failure = "invalid", {"kind": "tampering", "detail": f"after training, {tampered}", "excerpt": []}
     elif run["exit_code"] == INVALID_EXIT_CODE and invalid_line(tail):

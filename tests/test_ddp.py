@@ -144,14 +144,14 @@ def test_experiment_with_two_gpus_trains_two_ranks_under_the_helpers(tmp_path, b
         env.pop(key, None)
 
     def helper(*args):
-        return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=500)
 
     setup = helper("scripts/setup.py", "--tag", "ddp", "--noise-runs", "0")
     assert setup.returncode == 0, setup.stdout + setup.stderr
     for refused in (["--gpus", "0"], ["--gpus", "2", "--train-command", "python train.py"]):
         result = helper("scripts/experiment.py", "refused", *refused)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    result = helper("scripts/experiment.py", "baseline on two ranks", "--gpus", "2")
+    result = helper("scripts/experiment.py", "baseline on two ranks", "--gpus", "2", "--timeout", "280")
     assert result.returncode == 0 and result.stdout.startswith("0001 "), result.stdout + result.stderr
     (run_dir,) = (repo / "runs").glob("0001-*")
     log = (run_dir / "run.log").read_text()

@@ -169,6 +169,8 @@ def test_the_allowance_follows_the_measured_overhead_within_its_bounds():
     assert runner.compute_limit({"time_budget": 90}) == 90 + 120  # not measured yet: the cap
     assert runner.compute_limit({"time_budget": 90, "allowance_s": 21.0}) == 111
     assert runner.compute_limit({}) is None
+    # two ranks under torchrun on the CPU clock: three processes import torch, the budget is shared
+    assert runner.compute_limit({"time_budget": 90, "allowance_s": 21.0}, processes=3) == 90 + 63
 
 
 def test_the_process_tree_counts_every_descendant(tmp_path):

@@ -50,8 +50,8 @@ def test_four_lanes_on_four_gpus_record_every_experiment_in_its_own_lane(repo, c
     # The baselines only (Ray starts a job in seconds, not milliseconds): four jobs at once.
     repo.env["FAKE_SECONDS"] = "4"
     repo.lanes("start", "4", "--backend", "ray", "--tag", "r", "--train-command", FAKE_TRAIN, *PASS_THROUGH,
-               "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "90")
-    status = repo.wait_until_stopped(timeout=120)
+               "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "240")
+    status = repo.wait_until_stopped(timeout=300)
     lanes = repo.lane_paths("r")
     assert status["experiments"] == 4
     runs = [run for run in repo.traces() if run["event"] == "run"]
@@ -77,8 +77,8 @@ def test_four_lanes_on_four_gpus_record_every_experiment_in_its_own_lane(repo, c
 def test_two_gpus_per_run_give_each_job_two_gpus_of_one_node(repo, client):
     repo.env["FAKE_SECONDS"] = "4"
     repo.lanes("start", "2", "--backend", "ray", "--tag", "r2", "--gpus-per-run", "2", "--train-command",
-               FAKE_TRAIN, *PASS_THROUGH, "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "90")
-    repo.wait_until_stopped(timeout=120)
+               FAKE_TRAIN, *PASS_THROUGH, "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "240")
+    repo.wait_until_stopped(timeout=300)
     runs = [run for run in repo.traces() if run["event"] == "run"]
     assert len(runs) == 2
     for run in runs:
@@ -100,7 +100,7 @@ def test_a_fifth_job_waits_for_a_gpu_and_sigterm_stops_every_job(repo, client):
     dispatchers = [start_hung_job(repo, f"w{k}") for k in range(5)]
     try:
         assert wait_for(lambda: sorted(our_jobs(client, repo).values()) == ["PENDING"] + ["RUNNING"] * 4
-                        and len(repo.traces()) == 4, timeout=90), our_jobs(client, repo)
+                        and len(repo.traces()) == 4, timeout=240), our_jobs(client, repo)
         time.sleep(3)  # still waiting: a GPU is never shared
         assert sorted(our_jobs(client, repo).values()) == ["PENDING"] + ["RUNNING"] * 4
         hung = repo.traces()
@@ -114,9 +114,9 @@ def test_a_fifth_job_waits_for_a_gpu_and_sigterm_stops_every_job(repo, client):
         time.sleep(0.3)
         for process in dispatchers:
             process.send_signal(signal.SIGTERM)
-        codes = [process.wait(timeout=30) for process in dispatchers]
+        codes = [process.wait(timeout=60) for process in dispatchers]
     assert codes == [128 + signal.SIGTERM] * 5
-    assert wait_for(lambda: not active(our_jobs(client, repo)), timeout=30), our_jobs(client, repo)
+    assert wait_for(lambda: not active(our_jobs(client, repo)), timeout=60), our_jobs(client, repo)
     pids = [pid for run in hung for pid in (run["pid"], run["child"])]
     assert wait_for(lambda: all(pid_gone(pid) for pid in pids), timeout=30)  # the SIGTERM-ignoring child too
 
@@ -138,7 +138,7 @@ def test_a_hung_run_is_stopped_at_the_experiment_timeout(repo, client):
 def test_kill_9_of_the_loop_then_resume_submits_nothing_twice(repo, client):
     repo.env["FAKE_SECONDS"] = "4"
     repo.lanes("start", "1", "--backend", "ray", "--tag", "k", "--train-command", FAKE_TRAIN, *PASS_THROUGH,
-               "--", *FAKE_LOOP, "--max-experiments", "1", "--timeout", "90")
+               "--", *FAKE_LOOP, "--max-experiments", "1", "--timeout", "240")
     (lane,) = repo.lane_paths("k")
 
     def running_job():
@@ -148,14 +148,14 @@ def test_kill_9_of_the_loop_then_resume_submits_nothing_twice(repo, client):
 
     # After the baseline, everything on the loop's side dies (loop, experiment.py, dispatch.py);
     # the job goes on running in Ray.
-    assert wait_for(running_job, timeout=90)
+    assert wait_for(running_job, timeout=240)
     state = json.loads((lane / "runs" / "loop" / "state.json").read_text())
     pending = json.loads((lane / "runs" / "pending.json").read_text())
     os.killpg(state["process"]["pid"], signal.SIGKILL)
     os.killpg(pending["training_pgid"], signal.SIGKILL)
     assert active(our_jobs(client, repo))
     repo.lanes("resume")
-    repo.wait_until_stopped(timeout=180)
+    repo.wait_until_stopped(timeout=420)
     rows, records = repo.rows(lane), repo.assert_one_job_per_run(lane)
     assert len(rows) == 2 and rows[1][3] == "crash", rows  # recorded as interrupted, not lost
     assert len(records) == len(our_jobs(client, repo))  # the engine saw exactly the jobs recorded

@@ -37,8 +37,8 @@ def our_jobs(repo):
 
 def test_four_lanes_on_four_gpus_record_every_experiment_in_its_own_lane(repo):
     repo.lanes("start", "4", "--backend", "slurm", "--tag", "s", "--train-command", FAKE_TRAIN,
-               "--", *FAKE_LOOP, "--max-experiments", "1", "--timeout", "60")
-    status = repo.wait_until_stopped(timeout=150)
+               "--", *FAKE_LOOP, "--max-experiments", "1", "--timeout", "180")
+    status = repo.wait_until_stopped(timeout=360)
     lanes = repo.lane_paths("s")
     assert len(lanes) == 4 and status["experiments"] == 8  # baseline + 1 per lane
     runs = [run for run in repo.traces() if run["event"] == "run"]
@@ -66,8 +66,8 @@ def test_four_lanes_on_four_gpus_record_every_experiment_in_its_own_lane(repo):
 
 def test_two_gpus_per_run_give_each_job_both_gpus_of_a_node(repo):
     repo.lanes("start", "2", "--backend", "slurm", "--tag", "s2", "--gpus-per-run", "2", "--train-command",
-               FAKE_TRAIN, "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "60")
-    repo.wait_until_stopped(timeout=150)
+               FAKE_TRAIN, "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "180")
+    repo.wait_until_stopped(timeout=360)
     runs = [run for run in repo.traces() if run["event"] == "run"]
     assert len(runs) == 2
     assert all(sorted(run["gpu"].split(",")) == ["0", "1"] for run in runs)  # --gres=gpu:2 on one node
@@ -90,12 +90,12 @@ def test_a_fifth_job_waits_for_a_gpu_and_sigterm_cancels_every_job(repo):
     try:
         states = wait_for(lambda: sorted(state for _id, state, _name in our_jobs(repo))
                           if len(our_jobs(repo)) == 5 and sum(s == "RUNNING" for _i, s, _n in our_jobs(repo)) == 4
-                          else None, timeout=60)
+                          else None, timeout=180)
         assert states == ["PENDING", "RUNNING", "RUNNING", "RUNNING", "RUNNING"], our_jobs(repo)
         time.sleep(3)  # still waiting: a GPU is never shared
         assert sorted(state for _id, state, _name in our_jobs(repo)).count("PENDING") == 1
         hung = wait_for(lambda: [run for run in repo.traces() if run["event"] == "hang"]
-                        if len(repo.traces()) == 4 else None, timeout=30)
+                        if len(repo.traces()) == 4 else None, timeout=90)
         assert len({(run["node"], run["gpu"]) for run in hung}) == 4
     finally:
         for process in dispatchers:
@@ -126,7 +126,7 @@ def test_a_hung_run_is_cancelled_at_the_experiment_timeout(repo):
 def test_kill_9_of_the_loop_then_resume_submits_nothing_twice(repo):
     repo.env["FAKE_SECONDS"] = "3"
     repo.lanes("start", "2", "--backend", "slurm", "--tag", "k", "--train-command", FAKE_TRAIN,
-               "--", *FAKE_LOOP, "--max-experiments", "2", "--timeout", "60")
+               "--", *FAKE_LOOP, "--max-experiments", "2", "--timeout", "180")
     lanes = repo.lane_paths("k")
 
     def loop_pid(lane):
@@ -139,17 +139,17 @@ def test_kill_9_of_the_loop_then_resume_submits_nothing_twice(repo):
     # Lane 0: only the loop dies; experiment.py and dispatch.py carry on with the job.
     # Lane 1, after its baseline: the loop's process group dies, and dispatch.py's too (everything
     # on the login node), while the job goes on running on the cluster.
-    assert wait_for(lambda: running_job(lanes[0]), timeout=60)
+    assert wait_for(lambda: running_job(lanes[0]), timeout=180)
     os.kill(loop_pid(lanes[0]), signal.SIGKILL)
     assert wait_for(lambda: (lanes[1] / "results.tsv").exists() and repo.rows(lanes[1]) and running_job(lanes[1]),
-                    timeout=60)
+                    timeout=180)
     pending = json.loads((lanes[1] / "runs" / "pending.json").read_text())
     os.killpg(loop_pid(lanes[1]), signal.SIGKILL)
     os.killpg(pending["training_pgid"], signal.SIGKILL)
     time.sleep(1)
     assert len(our_jobs(repo)) >= 1  # the orphaned job still runs on the cluster
     repo.lanes("resume")
-    repo.wait_until_stopped(timeout=150)
+    repo.wait_until_stopped(timeout=360)
     for lane in lanes:
         rows, records = repo.rows(lane), repo.assert_one_job_per_run(lane)
         assert len(rows) == 3, rows

@@ -76,8 +76,11 @@ def test_kill_9_of_the_whole_loop_mid_training_records_the_run_as_a_crash(repo, 
     try:
         repo.wait_for(lambda: (repo.path / "results.tsv").exists() and len(repo.rows()) == 1, what="the baseline")
         slow.write_text("60")
-        repo.wait_for(lambda: (repo.pending() or {}).get("training_pgid"), what="training in flight")
+        # The first experiment may have read the slow file before it was written (a loaded box) and
+        # ended in milliseconds: wait for a run still training a second after its pid was recorded.
+        repo.wait_for(lambda: slow_run_in_flight(repo), what="a slow run training", seconds=120)
         training = repo.pending()["training_pgid"]
+        killed = len(repo.rows())  # the row the killed run gets: the baseline is row 0
         os.killpg(loop.pid, signal.SIGKILL)  # the loop and its experiment.py; training has its own group
         loop.wait(timeout=10)
     finally:
@@ -91,10 +94,19 @@ def test_kill_9_of_the_whole_loop_mid_training_records_the_run_as_a_crash(repo, 
     slow.write_text("0")
     ok(repo.loop("resume"))
     rows = check_consistent(repo)
-    assert [row[3] for row in rows] == ["keep", "crash", rows[2][3]] and len(rows) == 3
-    assert repo.record(1)["runs"][0]["triage"] in ("interrupted", "signal")
+    assert len(rows) == 3 and rows[0][3] == "keep" and killed in (1, 2)
+    assert [row[3] == "crash" for row in rows[1:]] == [k == killed for k in (1, 2)], rows
+    assert repo.record(killed)["runs"][0]["triage"] in ("interrupted", "signal")
     time.sleep(0.5)
     assert pid_gone(training)
+
+
+def slow_run_in_flight(repo):
+    pgid = (repo.pending() or {}).get("training_pgid")
+    if not pgid or pid_gone(pgid):
+        return False
+    time.sleep(1.0)
+    return (repo.pending() or {}).get("training_pgid") == pgid and not pid_gone(pgid)
 
 
 def test_resume_stops_an_agent_left_running_by_a_killed_loop(repo, tmp_path):
