@@ -87,6 +87,14 @@ def keep_refusal(summary, pending, rows, session):
     number, best = pending["id"], common.best_kept(rows)
     summary = summary or {"val_bpb": pending["val_bpb"], "runs": 1, "change": "code", "referee": None,
                           "train_py_lines": 0, "parent_train_py_lines": 0}
+    if runner.golf_session(session):  # a hard rule of the challenge, checked before the numbers
+        size = summary.get("artifact_bytes") if summary.get("samples") else None
+        if not isinstance(size, int):
+            return (f"keep refused: experiment {number} has no artifact size measured, and parameter golf keeps "
+                    f"only an artifact under {runner.GOLF_LIMIT_BYTES:,} bytes: {common.DISCARD_COMMAND}", False)
+        if size > runner.GOLF_LIMIT_BYTES:
+            return (f"keep refused: experiment {number}'s artifact is {size:,} bytes (train.py plus the int8+zlib "
+                    f"model), over parameter golf's {runner.GOLF_LIMIT_BYTES:,}: {common.DISCARD_COMMAND}", False)
     noise = common.noise_band(session)
     judged = common.verdict(summary["val_bpb"], best.val_bpb if best else None, noise,
                             summary.get("train_py_lines", 0), summary.get("parent_train_py_lines", 0),

@@ -161,6 +161,9 @@ def record_protections(summary, samples, guards):
         for sample in samples if not sample.get("noise"))
 
 
+TOO_BIG = "too big"  # golf: the artifact is over the limit (or was not measured); never kept
+
+
 def judge(summary, samples, rows, session):
     """Fill summary's judged fields from its samples: val_bpb (their mean), runs, delta, verdict."""
     best = common.best_kept(rows)
@@ -174,6 +177,12 @@ def judge(summary, samples, rows, session):
         delta_noise_units=round(common.noise_units(value - best_val, noise), 2) if best else None,
         verdict=common.verdict(value, best_val, noise, summary["train_py_lines"], summary["parent_train_py_lines"],
                                runs=len(samples), change=summary["change"]))
+    if runner.golf_session(session):  # the largest artifact of its runs, against the challenge's limit
+        sizes = [(sample.get("referee") or {}).get("artifact_bytes") for sample in samples]
+        sizes = [size for size in sizes if isinstance(size, int)]
+        summary.update(artifact_bytes=max(sizes) if sizes else None, artifact_limit_bytes=runner.GOLF_LIMIT_BYTES)
+        if not sizes or max(sizes) > runner.GOLF_LIMIT_BYTES:
+            summary["verdict"] = TOO_BIG
 
 
 def next_step(summary):
@@ -213,8 +222,10 @@ def console_lines(summary):
     off = common.protections_off(summary.get("protections") or {})
     lowered = f"; {', '.join(off)}" if off else ""
     step = summary["next"].replace("uv run scripts/", "")
-    line = (f"{number} {commit} val_bpb {summary['val_bpb']:.6f}{runs} ({against}) mem {summary['memory_gb']:.1f} GB "
-            f"{clock} {seconds:.1f} s: {summary['verdict']}{unverified}{lowered} (next: {step})")
+    size = summary.get("artifact_bytes")
+    artifact = f" artifact {size / 1e6:.3f} MB" if isinstance(size, int) else ""
+    line = (f"{number} {commit} val_bpb {summary['val_bpb']:.6f}{runs} ({against}) mem {summary['memory_gb']:.1f} GB"
+            f"{artifact} {clock} {seconds:.1f} s: {summary['verdict']}{unverified}{lowered} (next: {step})")
     return [ascii_line(line, CONSOLE_LIMIT_BYTES - 1)]
 
 

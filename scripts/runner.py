@@ -549,8 +549,28 @@ def invalid_line(log_tail):
     return lines[-1] if lines else None
 
 
+GOLF_LIMIT_BYTES = 16_000_000  # parameter golf: code plus compressed model, decimal (prepare.py's too)
+
+
+def golf_session(session):
+    """Parameter golf on this repository's train.py (setup.py --golf): the referee scores the model
+    after the challenge's int8+zlib round trip, and a keep needs the artifact under the limit."""
+    return (session or {}).get("task") == "golf"
+
+
+def committed_train_py():
+    """train.py's bytes at HEAD (the commit under test): what a golf artifact's code counts, whatever
+    a run left in the work tree."""
+    shown = subprocess.run(["git", "show", "HEAD:train.py"], cwd=ROOT, capture_output=True)
+    if shown.returncode != 0:
+        raise Refusal("git show HEAD:train.py failed: " + shown.stderr.decode(errors="replace").strip()[:200])
+    return shown.stdout
+
+
 def score_saved_model(run_dir, split, session, timeout, label=None):
-    """Score run_dir/out/model.pt2 on `split` with a fresh copy of the pinned prepare.py.
+    """Score run_dir/out/model.pt2 on `split` with a fresh copy of the pinned prepare.py; in a golf
+    session, after the int8+zlib round trip, with the artifact's size (train.py at HEAD plus the
+    compressed model) in "artifact_bytes".
 
     Returns {"status": "scored" | "invalid" | "failed", "bpb", "detail", "seconds", "log"}:
     invalid when the saved model is refused or fails the causality probe, or the protocol or data
@@ -576,6 +596,10 @@ def score_saved_model(run_dir, split, session, timeout, label=None):
             return dict(result, status="invalid", detail="prepare.py no longer matches the hash pinned at setup")
         os.chmod(folder, 0o755)
         command = [sys.executable, "-I", str(copy), "score", str(model), "--split", split]
+        if golf_session(session):
+            code = Path(folder) / "train.py"
+            code.write_bytes(committed_train_py())
+            command += ["--int8-zlib", "--code", str(code)]
         sandboxed = sandbox_state(session) == "on"
         if sandboxed:
             command = referee_sandbox(command, folder, run_dir)
@@ -591,18 +615,24 @@ def score_saved_model(run_dir, split, session, timeout, label=None):
     bpb = parse_number(match.group(1))
     if not is_finite_number(bpb):
         return dict(result, detail=f"prepare.py score printed {match.group(1)!r}")
+    if golf_session(session):
+        size = re.search(r"^artifact_bytes:\s*(\d+)\s*$", tail, re.MULTILINE)
+        if not size:
+            return dict(result, detail="prepare.py score printed no artifact_bytes after the int8+zlib round trip")
+        result["artifact_bytes"] = int(size.group(1))
     return dict(result, status="scored", bpb=bpb)
 
 
-def referee_verdict(claimed, scored):
+def referee_verdict(claimed, scored, golf=False):
     """Compare train.py's number (None when it could not evaluate: the sandbox hides the evaluation
     data) with the referee's score of the same run: the referee entry of a sample, with status
-    verified, invalid or unverified."""
+    verified, invalid or unverified. In golf the referee scores the round-tripped model, which
+    train.py never saw: its number stands alone."""
     if scored["status"] == "invalid":
         return {**scored, "status": "invalid", "claimed": claimed}
     if scored["status"] != "scored":
         return {**scored, "status": "unverified", "claimed": claimed}
-    if is_finite_number(claimed) and abs(scored["bpb"] - claimed) > REFEREE_TOLERANCE_BPB:
+    if not golf and is_finite_number(claimed) and abs(scored["bpb"] - claimed) > REFEREE_TOLERANCE_BPB:
         return {**scored, "status": "invalid", "claimed": claimed,
                 "detail": f"train.py printed val_bpb {claimed:.6f}, but the referee scored its saved model "
                           f"{scored['bpb']:.6f}"}
@@ -737,7 +767,8 @@ def score_run(run, run_dir, session, timeout):
             run.update(status="crash", failure={"kind": "no_summary", "excerpt": [],
                                                 "detail": "train.py printed no val_bpb and the referee is off"})
         return run
-    verdict = referee_verdict(run["val_bpb"], score_saved_model(run_dir, "val", session, timeout))
+    verdict = referee_verdict(run["val_bpb"], score_saved_model(run_dir, "val", session, timeout),
+                              golf=golf_session(session))
     run["referee"] = verdict
     if verdict["status"] == "verified":
         run.update(value=verdict["bpb"], self_reported=False)

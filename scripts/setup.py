@@ -206,6 +206,10 @@ def main():
     parser.add_argument("--no-referee", action="store_true",
                         help="no referee: train.py scores itself, with the evaluation data visible to it, and "
                         "results are self-reported, never verified")
+    parser.add_argument("--golf", action="store_true",
+                        help="parameter golf on this train.py: the referee scores the model after an int8+zlib "
+                        "round trip, and a keep needs the artifact (train.py's bytes plus the compressed model) "
+                        f"under {runner.GOLF_LIMIT_BYTES:,} bytes")
     parser.add_argument("--track", choices=("mlflow", "wandb", "none"),
                         help="record every experiment in MLflow or W&B (scripts/tracking.py; default: "
                         "$AUTORESEARCH_TRACK, else none)")
@@ -214,10 +218,13 @@ def main():
     args = parser.parse_args()
     if args.noise_runs < 0:
         raise common.Refusal("--noise-runs must be 0 or more")
+    if args.golf and args.no_referee:
+        raise common.Refusal("--golf is scored by the referee (the int8+zlib round trip of the saved model): "
+                             "it cannot run with --no-referee")
     if args.measure_noise:
-        if args.no_sandbox or args.no_referee or args.new_session:
-            raise common.Refusal("--measure-noise runs under the session's own protections: it takes no "
-                                 "--no-sandbox, --no-referee or --new-session")
+        if args.no_sandbox or args.no_referee or args.new_session or args.golf:
+            raise common.Refusal("--measure-noise runs under the session's own protections and task: it takes no "
+                                 "--no-sandbox, --no-referee, --new-session or --golf")
         if args.noise_runs < 1:
             raise common.Refusal("--measure-noise needs --noise-runs 1 or more")
         return measure_noise_again(args.noise_runs)
@@ -266,6 +273,7 @@ def main():
         "sandbox": sandbox.split(":")[0],  # on, off or unavailable
         "sandbox_problem": sandbox[len("unavailable: "):] if sandbox.startswith("unavailable") else None,
         "referee": "off" if args.no_referee else "on",
+        "task": "golf" if args.golf else "builtin",
         "lowered": [flag for flag, used in (("--no-sandbox", args.no_sandbox), ("--no-referee", args.no_referee))
                     if used],
         "allowance_s": None,  # compute beyond the budget a run may use; measured on the noise runs
@@ -276,7 +284,8 @@ def main():
     }
     common.write_json_atomic(common.SESSION_FILE, session)  # its existence means setup completed
     moved = f"; earlier session moved to {archived.relative_to(common.ROOT)}" if archived else ""
-    print(f"session {args.tag}: branch {branch} at {start_commit[:7]}, profile {session['profile']}, "
+    golf = f"; parameter golf: artifacts under {runner.GOLF_LIMIT_BYTES:,} bytes" if args.golf else ""
+    print(f"session {args.tag}: branch {branch} at {start_commit[:7]}, profile {session['profile']}{golf}, "
           f"dataset {session['dataset']}, budget {session['time_budget']} s{moved}; "
           'next: uv run scripts/experiment.py "baseline"')
     if session["sandbox_problem"]:  # said once, here; experiments then run without it

@@ -1,0 +1,73 @@
+"""Parameter golf on the built-in protocol (setup.py --golf), end to end on the CPU and offline:
+the real helpers train this train.py, the referee scores the saved model after the int8+zlib round
+trip and measures the artifact, and decide.py refuses to keep one over the 16,000,000-byte limit."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, copy_project
+
+
+def test_golf_scores_the_round_trip_and_never_keeps_an_artifact_over_the_limit(tmp_path, builtin_cache):
+    repo = copy_project(tmp_path)
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache))
+    for key in ("AUTORESEARCH_TRAIN_COMMAND", "AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE"):
+        env.pop(key, None)
+
+    def helper(*args):
+        return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=500)
+
+    refused = helper("scripts/setup.py", "--tag", "g0", "--golf", "--no-referee")
+    assert refused.returncode == 2 and "--no-referee" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    setup = helper("scripts/setup.py", "--tag", "golf", "--golf", "--noise-runs", "0")
+    assert setup.returncode == 0 and "parameter golf" in setup.stdout, setup.stdout + setup.stderr
+
+    baseline = helper("scripts/experiment.py", "baseline", "--timeout", "400")
+    assert baseline.returncode == 0 and baseline.stdout.startswith("0001 "), baseline.stdout + baseline.stderr
+    (run_dir,) = (repo / "runs").glob("0001-*")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    referee = (run_dir / "referee-val.log").read_text()
+    model_bytes = int(re.search(r"^Serialized model int8\+zlib: (\d+) bytes$", referee, re.M).group(1))
+    round_trip = float(re.search(r"^final_int8_zlib_roundtrip val_bpb:(\S+)$", referee, re.M).group(1))
+    # the artifact is exactly the committed train.py plus the compressed model
+    assert summary["artifact_bytes"] == len((repo / "train.py").read_bytes()) + model_bytes
+    assert f"Total submission size int8+zlib: {summary['artifact_bytes']} bytes" in referee
+    assert summary["artifact_limit_bytes"] == 16_000_000 and summary["verdict"] == "baseline"
+    # the number that decides is the round-tripped model's, scored by the referee
+    assert summary["referee"] == "verified" and summary["val_bpb"] == pytest.approx(round_trip, abs=1e-6)
+    assert f"artifact {summary['artifact_bytes'] / 1e6:.3f} MB" in baseline.stdout
+    kept = helper("scripts/decide.py", "keep")
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+
+    # A real change, plus a constant that makes the file alone larger than the limit.
+    text = (repo / "train.py").read_text()
+    grown = text.replace("WARMDOWN_RATIO = 0.5 ", "WARMDOWN_RATIO = 0.45", 1)
+    assert grown != text
+    (repo / "train.py").write_text(grown + '\nGOLF_PADDING = "' + "x" * 16_000_000 + '"\n')
+    big = helper("scripts/experiment.py", "warmdown 0.45, padded", "--timeout", "400")
+    assert big.returncode == 0 and big.stdout.startswith("0002 "), big.stdout + big.stderr
+    assert ": too big" in big.stdout and "next: decide.py discard" in big.stdout, big.stdout
+    (run_dir,) = (repo / "runs").glob("0002-*")
+    assert json.loads((run_dir / "summary.json").read_text())["artifact_bytes"] > 16_000_000
+    for force in ([], ["--force"]):
+        refused = helper("scripts/decide.py", "keep", *force)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "over parameter golf's 16,000,000" in refused.stderr
+    discarded = helper("scripts/decide.py", "discard")
+    assert discarded.returncode == 0, discarded.stdout + discarded.stderr
+    rows = [line.split("\t") for line in (repo / "results.tsv").read_text().splitlines()[1:]]
+    assert [row[3] for row in rows] == ["keep", "discard"]
+    assert float(rows[0][1]) == pytest.approx(summary["val_bpb"], abs=1e-6)
+
+
+def test_the_helpers_and_the_referee_agree_on_the_limit():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import runner
+    source = (ROOT / "prepare.py").read_text()
+    assert re.search(r"^GOLF_LIMIT_BYTES = 16_000_000\b", source, re.M)
+    assert runner.GOLF_LIMIT_BYTES == 16_000_000
