@@ -58,12 +58,24 @@ class Cancelled(BaseException):
     """This process got SIGTERM, SIGINT or SIGHUP: cancel the job, then exit."""
 
 
+CANCEL_SIGNAL = []  # the signal that asked for the cancel, once one has
+
+
 def raise_cancelled(signum, _frame):
     # Once: the stop that follows must not be cut short by the next signal (experiment.py signals
     # the run's process group and then each of its processes, so a second SIGTERM is the rule).
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, signal.SIG_IGN)
+    CANCEL_SIGNAL.append(signum)
     raise Cancelled(signum)
+
+
+def check_cancelled():
+    """Raise Cancelled if a signal asked for it. The handler raises too, but an exception raised
+    while a finalizer runs (a garbage-collected HTTP connection closing) is printed and dropped by
+    Python, which once left a job running: the loops check again at every turn."""
+    if CANCEL_SIGNAL:
+        raise Cancelled(CANCEL_SIGNAL[0])
 
 
 def say(text):
@@ -321,7 +333,9 @@ def follow(backend, record, root):
             offset += len(chunk)
         if not running:
             break
+        check_cancelled()
         time.sleep(POLL_SECONDS)
+        check_cancelled()
     chunk = backend.read_log(record, root, offset)  # whatever was written between the last read and the end
     if chunk:
         sys.stdout.buffer.write(chunk)
@@ -362,7 +376,9 @@ def dispatch(backend_name, options, command, root=common.ROOT):
             record.update(job_id=backend.submit(record, root, command), state="submitted")
             save_record(root, record)
             say(f"submitted {backend.describe(record)}")
+        check_cancelled()
         code = follow(backend, record, root)
+        check_cancelled()  # a signal whose exception was dropped must not pass for a finished job
     except Cancelled as cancelled:
         number = cancelled.args[0]
         if record and record["state"] in IN_FLIGHT:

@@ -147,3 +147,50 @@ def test_modal_app_requests_the_gpu_ships_train_py_and_runs_it():
     assert "train.remote(Path('train.py').read_text()" in entry and "sys.exit(code)" in entry
     for shipped in ("pyproject.toml", "uv.lock", "prepare.py"):
         assert f'PROJECT / "{shipped}"' in source
+
+
+def test_a_cancel_whose_exception_a_finalizer_swallowed_still_stops_the_follow(monkeypatch, tmp_path):
+    """A SIGTERM that lands while a garbage-collected HTTP connection closes raises inside a
+    finalizer, where Python prints the exception and drops it: the dispatcher then followed the job
+    to its end as if nothing had happened, or, killed at last, left it running on the cluster. The
+    follow loop checks again at every turn."""
+    import gc
+    import signal
+    import weakref
+
+    sys.path.insert(0, str(PROJECT / "scripts"))
+    import dispatch
+
+    class Long:  # a job that runs for three polls, then ends well
+        polls = 0
+
+        def running(self, record, root):
+            self.polls += 1
+            return self.polls <= 3
+
+        def exit_code(self, record, root):
+            return 0, None
+
+        def started(self, record, root):
+            return True
+
+        def read_log(self, record, root, offset):
+            return b""
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        class Connection:
+            pass
+        connection = Connection()
+        weakref.finalize(connection, dispatch.raise_cancelled, signal.SIGTERM, None)
+        dropped = []  # what Python does with an exception a finalizer raises: report it, go on
+        monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+        del connection
+        gc.collect()
+        assert dropped == [dispatch.Cancelled]
+        with pytest.raises(dispatch.Cancelled):
+            dispatch.follow(Long(), {"key": "k", "state": "submitted"}, tmp_path)
+    finally:
+        dispatch.CANCEL_SIGNAL.clear()
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
