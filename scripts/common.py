@@ -568,6 +568,8 @@ def protections_off(guards):
         off.append("eval data visible")
     if guards.get("shared"):
         off.append("sandbox shares paths")
+    if guards.get("compute_measured") == "none":
+        off.append("compute not measured (cluster job)")
     return off
 
 

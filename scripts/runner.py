@@ -410,8 +410,17 @@ def eval_exposed():
     return [name for name in EVAL_FILES if (prepared_dir() / name).exists()]
 
 
+def dispatched(command):
+    """Whether the training command sends the run to a cluster (scripts/dispatch.py): its compute is
+    spent on another machine, where this helper cannot measure it; here only the dispatcher runs."""
+    argv = list(command or [])
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    return any(Path(str(part)).name == "dispatch.py" for part in argv)
+
+
 def protections(session, command=None):
-    """What guarded this run, for summary.json: the contract's keys plus train_command and shared."""
+    """What guarded this run, for summary.json: the contract's keys plus train_command and shared.
+    compute_measured is none for a run dispatched to a cluster: its limit is the timeout there."""
     sandbox = sandbox_state(session)
     referee = "off" if (session or {}).get("referee") == "off" else "on"
     return {
@@ -420,7 +429,7 @@ def protections(session, command=None):
         # Without the referee train.py must score itself, so it is shown the evaluation data.
         "eval_hidden": sandbox == "on" and referee == "on" and not eval_exposed(),
         "pid_namespace": sandbox == "on",
-        "compute_measured": compute_clock(session),
+        "compute_measured": "none" if dispatched(command) else compute_clock(session),
         "train_command": "default" if command is None or is_default_training_command(command) else "custom",
         "shared": [str(path) for path in shared_paths()] if sandbox == "on" else [],
     }
@@ -689,7 +698,7 @@ def compute_limit(session, processes=1):
 def record_overhead(session, run):
     """Add a baseline run's overhead (its compute beyond the budget) and recompute the allowance."""
     budget = session.get("time_budget")
-    if not is_finite_number(budget) or not run.get("compute_seconds"):
+    if not is_finite_number(budget) or not run.get("compute_seconds") or run.get("clock") == "none":
         return
     session.setdefault("overheads_s", []).append(round(run["compute_seconds"] - budget, 3))
     session["allowance_s"] = allowance_from(session["overheads_s"], budget)
@@ -720,7 +729,7 @@ def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: Non
         env.update(TORCHINDUCTOR_CACHE_DIR="/tmp/inductor", TRITON_CACHE_DIR="/tmp/triton")
     wrapped = training_sandbox(command, out, hide_eval=guards["referee"] == "on") if sandboxed else command
     clock = guards["compute_measured"]
-    limit = compute_limit(session, ranks + 1 if ranks > 1 and clock == "cpu_time" else 1)
+    limit = None if clock == "none" else compute_limit(session, ranks + 1 if ranks > 1 and clock == "cpu_time" else 1)
     run = run_logged(wrapped, run_log, env, timeout, on_start, compute_limit=limit, clock=clock, sandboxed=sandboxed)
     tail = read_tail(run_log)
     finished = run["exit_code"] == 0 and not run["timed_out"] and not run["interrupted"] and not run["over_budget"]

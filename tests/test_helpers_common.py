@@ -200,11 +200,27 @@ def test_protections_off_and_verified():
                            ["sandbox unavailable"]),
                           (dict(sandbox="off", eval_hidden=False, pid_namespace=False), ["sandbox off"]),
                           (dict(eval_hidden=False), ["eval data visible"]),
-                          (dict(shared=["/tmp/x"]), ["sandbox shares paths"])):
+                          (dict(shared=["/tmp/x"]), ["sandbox shares paths"]),
+                          (dict(compute_measured="none"), ["compute not measured (cluster job)"])):
         assert common.protections_off(dict(full, **change)) == words
         assert not runner.is_verified(dict(full, **change), "verified")
     assert common.protections_off(dict(full, train_command="custom")) == []  # recorded, not printed
     assert not runner.is_verified(dict(full, train_command="custom"), "verified")
+
+
+def test_a_run_sent_to_a_cluster_is_not_held_to_the_dispatcher_s_own_compute():
+    """Only dispatch.py runs here: its CPU time (polling the cluster) is no measure of the job's, and
+    capping it at the budget killed good runs on a slow box. The job's limit is the timeout."""
+    session = {"profile": "cpu", "time_budget": 5, "allowance_s": 0.8}
+    python = sys.executable
+    sent = [python, "scripts/dispatch.py", "--backend", "ray", "--gpus", "1", "--", python, "train.py"]
+    assert runner.dispatched(sent) and runner.protections(session, sent)["compute_measured"] == "none"
+    local = [python, "train.py"]
+    assert not runner.dispatched(local) and runner.protections(session, local)["compute_measured"] == "cpu_time"
+    assert not runner.dispatched([python, "wrap.py", "--", python, "dispatch.py"])  # the job's own script
+    overheads = list(session.get("overheads_s", []))
+    runner.record_overhead(session, {"compute_seconds": 30.0, "clock": "none"})  # a job's wall time sets nothing
+    assert session.get("overheads_s", []) == overheads and session["allowance_s"] == 0.8
 
 
 def test_a_trusted_log_replaces_a_planted_link_and_never_writes_through_it(tmp_path):

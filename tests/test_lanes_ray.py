@@ -126,7 +126,8 @@ def test_a_hung_run_is_stopped_at_the_experiment_timeout(repo, client):
     env = {"AUTORESEARCH_TRAIN_COMMAND": train, "FAKE_HANG": "1"}
     assert repo.run("setup", "--tag", "hang", "--no-sandbox", "--no-referee", "--noise-runs", "0",
                     env=env).returncode == 0
-    result = repo.run("experiment", "hangs", "--timeout", "15", env=env)
+    # Long enough for the job to reach its script on a slow box (at 15 s it had not, in CI here).
+    result = repo.run("experiment", "hangs", "--timeout", "45", env=env)
     assert result.returncode == 1 and "timeout" in result.stdout, result.stdout + result.stderr
     (record,) = repo.job_records(repo.path)
     assert record["state"] == "cancelled"
