@@ -141,7 +141,7 @@ def test_lanes_share_one_study_and_each_lane_asks_its_own_trials(tmp_path):
     train = f"{shlex.quote(sys.executable)} {shlex.quote(str(BOWL))}"
     lanes.lanes("start", "2", "--backend", "local", "--tag", "shared", "--train-command", train,
                 "--", "--no-referee", "--noise-runs", "0", "--agent", "optuna", "--max-experiments", "3")
-    status = lanes.wait_until_stopped(timeout=120)
+    status = lanes.wait_until_stopped(timeout=360)
     assert status["experiments"] == 8, json.dumps(status)
     study = trials(lanes.path / "runs" / "lanes" / "shared" / "optuna.db", "shared")
     proposed = asked(study)

@@ -45,7 +45,7 @@ def mlflow_server(tmp_path):
                               cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # a slow box took over 90 s
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
