@@ -10,6 +10,7 @@ except in CI (AUTORESEARCH_REQUIRE_SANDBOX=1), where that is a failure.
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -217,8 +218,15 @@ def budget_session(repo, profile="cpu", budget=2):  # noqa: F811
     manifest_path.write_text(json.dumps(manifest))
     ok(repo.run("setup", "--tag", "budget", "--noise-runs", "2", train=fake("burn.py", 1.0)), lines=None)
     session = json.loads((repo.path / "runs" / "session.json").read_text())
-    assert len(session["overheads_s"]) == 2 and session["allowance_s"] < 0.6 * budget
+    assert len(session["overheads_s"]) == 2 and session["allowance_s"] > 0
     return session
+
+
+def past_the_limit(session):
+    """burn.py's factor for a run that would go on well past the budget plus the measured allowance
+    (on a slow machine the start-up measured, and so the allowance, can exceed the budget itself)."""
+    limit = session["time_budget"] + session["allowance_s"]
+    return round((limit + max(1.0, 0.3 * limit)) / session["time_budget"], 2)
 
 
 def test_training_past_the_budget_is_stopped_and_invalid(repo):  # noqa: F811
@@ -226,7 +234,7 @@ def test_training_past_the_budget_is_stopped_and_invalid(repo):  # noqa: F811
     limit = session["time_budget"] + session["allowance_s"]
     ok(repo.experiment("baseline", train=fake("burn.py", 1.0)))
     ok(repo.run("decide", "keep"))
-    result = repo.experiment("train 1.6x as long", train=fake("burn.py", 1.6))
+    result = repo.experiment("train past the limit", train=fake("burn.py", past_the_limit(session)))
     assert result.returncode == 1 and "invalid (over_budget): trained past the budget" in result.stdout, result.stdout
     summary = repo.summary("0004")
     assert summary["status"] == "invalid" and summary["clock"] == "cpu_time"
@@ -238,14 +246,15 @@ def test_training_past_the_budget_is_stopped_and_invalid(repo):  # noqa: F811
 
 def test_extra_worker_processes_buy_no_compute(repo):  # noqa: F811
     session = budget_session(repo)
-    result = repo.experiment("two more workers", train=fake("burn.py", 1.0, "workers", 2))
+    workers = math.ceil(past_the_limit(session))  # together they burn past the limit; alone, the budget
+    result = repo.experiment("more workers", train=fake("burn.py", 1.0, "workers", workers))
     assert result.returncode == 1 and "invalid (over_budget)" in result.stdout, result.stdout
     assert repo.summary("0003")["compute_seconds"] >= session["time_budget"] + session["allowance_s"]
 
 
 def test_on_a_gpu_profile_the_budget_is_wall_time(repo):  # noqa: F811
-    budget_session(repo, profile="gpu")
-    result = repo.experiment("sleep 1.6x as long", train=fake("burn.py", 1.6))
+    session = budget_session(repo, profile="gpu")
+    result = repo.experiment("sleep past the limit", train=fake("burn.py", past_the_limit(session)))
     assert result.returncode == 1 and "invalid (over_budget)" in result.stdout and "wall time" in result.stdout
     assert repo.summary("0003")["clock"] == "wall_time"
 

@@ -22,7 +22,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "ddp"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def run(command, cache, timeout=240, **extra_env):
+def run(command, cache, timeout=480, **extra_env):
     env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), **extra_env)
     env.pop("RANK", None)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

@@ -50,8 +50,8 @@ def test_four_lanes_on_four_gpus_record_every_experiment_in_its_own_lane(repo, c
     # The baselines only (Ray starts a job in seconds, not milliseconds): four jobs at once.
     repo.env["FAKE_SECONDS"] = "4"
     repo.lanes("start", "4", "--backend", "ray", "--tag", "r", "--train-command", FAKE_TRAIN, *PASS_THROUGH,
-               "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "240")
-    status = repo.wait_until_stopped(timeout=300)
+               "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "420")
+    status = repo.wait_until_stopped(timeout=540)
     lanes = repo.lane_paths("r")
     assert status["experiments"] == 4
     runs = [run for run in repo.traces() if run["event"] == "run"]
@@ -77,8 +77,8 @@ def test_four_lanes_on_four_gpus_record_every_experiment_in_its_own_lane(repo, c
 def test_two_gpus_per_run_give_each_job_two_gpus_of_one_node(repo, client):
     repo.env["FAKE_SECONDS"] = "4"
     repo.lanes("start", "2", "--backend", "ray", "--tag", "r2", "--gpus-per-run", "2", "--train-command",
-               FAKE_TRAIN, *PASS_THROUGH, "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "240")
-    repo.wait_until_stopped(timeout=300)
+               FAKE_TRAIN, *PASS_THROUGH, "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "420")
+    repo.wait_until_stopped(timeout=540)
     runs = [run for run in repo.traces() if run["event"] == "run"]
     assert len(runs) == 2
     for run in runs:

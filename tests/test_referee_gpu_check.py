@@ -10,7 +10,7 @@ from conftest import ROOT
 def test_gpu_check_dry_run_measures_both_runs_and_writes_one_json(tmp_path):
     figures_file = tmp_path / "figures.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--json",
-                             str(figures_file)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+                             str(figures_file)], cwd=tmp_path, capture_output=True, text=True, timeout=1100)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(figures_file.read_text())
     assert figures["dry_run"] and figures["profile"] == "cpu" and set(figures["runs"]) == {"cold", "warm"}
