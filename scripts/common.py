@@ -196,7 +196,12 @@ def read_tail(path, max_bytes=1 << 20):
 # The ledger: results.tsv, upstream-compatible, appended atomically under a lock
 
 LEDGER_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
+# A parameter golf session's ledger (setup.py --golf), as the challenge's research loops keep it: the
+# artifact's size in MB (10^6 bytes, as its 16 MB limit) where upstream has memory, and the
+# hypothesis condensed to one line. A ledger's header says which of the two it is.
+GOLF_LEDGER_COLUMNS = ("commit", "val_bpb", "artifact_mb", "status", "reasoning", "description")
 LEDGER_HEADER = "\t".join(LEDGER_COLUMNS) + "\n"
+GOLF_LEDGER_HEADER = "\t".join(GOLF_LEDGER_COLUMNS) + "\n"
 # invalid: the referee caught the result (a model that looks ahead, or a number the saved model does
 # not reproduce); like a crash it carries 0.000000 and 0.0, because no trusted number exists.
 STATUSES = ("keep", "discard", "crash", "backtrack", "invalid")
@@ -210,32 +215,60 @@ class LedgerRow(NamedTuple):
     memory_gb: float  # peak VRAM in GB; 0.0 for a crash
     status: str  # one of STATUSES
     description: str
+    artifact_mb: float = 0.0  # golf ledgers: code plus compressed model, MB of 10^6 bytes; 0.0 for a crash
+    reasoning: str = ""  # golf ledgers: the experiment's hypothesis, one line
 
 
-def format_row(row):
-    """One ledger line. Tabs and newlines in the description would break the format: spaces instead."""
-    description = " ".join(str(row.description).split())
-    return f"{row.commit[:7]}\t{row.val_bpb:.6f}\t{row.memory_gb:.1f}\t{row.status}\t{description}\n"
+def one_line(text):
+    """Tabs and newlines would break the format: spaces instead."""
+    return " ".join(str(text).split())
 
 
-def parse_row(line, number, path=LEDGER_FILE):
+def format_row(row, columns=LEDGER_COLUMNS):
+    """One ledger line, in the five upstream columns or (columns=GOLF_LEDGER_COLUMNS) golf's six."""
+    head = f"{row.commit[:7]}\t{row.val_bpb:.6f}\t"
+    if columns == GOLF_LEDGER_COLUMNS:
+        return head + f"{row.artifact_mb:.6f}\t{row.status}\t{one_line(row.reasoning)}\t{one_line(row.description)}\n"
+    return head + f"{row.memory_gb:.1f}\t{row.status}\t{one_line(row.description)}\n"
+
+
+def parse_row(line, number, path=LEDGER_FILE, columns=LEDGER_COLUMNS):
     """A LedgerRow from one line; anything else is a Refusal naming the file and line number."""
     where = f"{Path(path).name} line {number}"
     fields = line.rstrip("\n").split("\t")
-    if len(fields) != len(LEDGER_COLUMNS):
-        raise Refusal(f"{where}: expected {len(LEDGER_COLUMNS)} tab-separated fields "
-                      f"({' '.join(LEDGER_COLUMNS)}), found {len(fields)}: fix or remove that line")
-    commit, val_bpb, memory_gb, status, description = fields
+    if len(fields) != len(columns):
+        raise Refusal(f"{where}: expected {len(columns)} tab-separated fields "
+                      f"({' '.join(columns)}), found {len(fields)}: fix or remove that line")
+    golf = columns == GOLF_LEDGER_COLUMNS
+    commit, val_bpb, size, status = fields[:4]
+    reasoning, description = (fields[4], fields[5]) if golf else ("", fields[4])
     if not COMMIT_PATTERN.match(commit):
         raise Refusal(f"{where}: {commit[:40]!r} is not a commit hash: fix or remove that line")
     if status not in STATUSES:
         raise Refusal(f"{where}: status {status[:20]!r} is not one of {', '.join(STATUSES)}")
     try:
-        numbers = float(val_bpb), float(memory_gb)
+        numbers = float(val_bpb), float(size)
     except ValueError:
-        raise Refusal(f"{where}: val_bpb and memory_gb must be numbers, "
-                      f"found {val_bpb[:20]!r} and {memory_gb[:20]!r}") from None
+        raise Refusal(f"{where}: val_bpb and {columns[2]} must be numbers, "
+                      f"found {val_bpb[:20]!r} and {size[:20]!r}") from None
+    if golf:
+        return LedgerRow(commit, numbers[0], 0.0, status, description, numbers[1], reasoning)
     return LedgerRow(commit, numbers[0], numbers[1], status, description)
+
+
+def ledger_columns(path=LEDGER_FILE):
+    """The columns a ledger's header names (upstream's five when the file is missing or empty);
+    a Refusal when its first line is neither header."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            header = handle.readline()
+    except FileNotFoundError:
+        return LEDGER_COLUMNS
+    for columns, expected in ((LEDGER_COLUMNS, LEDGER_HEADER), (GOLF_LEDGER_COLUMNS, GOLF_LEDGER_HEADER)):
+        if header in ("", expected):
+            return columns
+    raise Refusal(f"{Path(path).name} line 1: header is not {LEDGER_HEADER.strip()!r} nor "
+                  f"{GOLF_LEDGER_HEADER.strip()!r} (tab-separated): not a ledger written by these helpers")
 
 
 def read_ledger(path=LEDGER_FILE):
@@ -245,10 +278,8 @@ def read_ledger(path=LEDGER_FILE):
     except FileNotFoundError:
         return []
     lines = text.splitlines(keepends=True)
-    if lines and lines[0] != LEDGER_HEADER:
-        raise Refusal(f"{Path(path).name} line 1: header is not {LEDGER_HEADER.strip()!r} "
-                      "(tab-separated): not a ledger written by these helpers")
-    return [parse_row(line, number, path) for number, line in enumerate(lines[1:], start=2)
+    columns = ledger_columns(path) if lines else LEDGER_COLUMNS
+    return [parse_row(line, number, path, columns) for number, line in enumerate(lines[1:], start=2)
             if line.strip()]
 
 
@@ -273,12 +304,14 @@ def _locked_append(path, text, header):
 
 
 def append_ledger_row(row, path=LEDGER_FILE):
-    _locked_append(path, format_row(row), LEDGER_HEADER)
+    """Append `row` in the columns of the ledger's header (setup.py wrote it)."""
+    columns = ledger_columns(path)
+    _locked_append(path, format_row(row, columns), "\t".join(columns) + "\n")
 
 
-def ensure_ledger(path=LEDGER_FILE):
+def ensure_ledger(path=LEDGER_FILE, columns=LEDGER_COLUMNS):
     """Create results.tsv with its header when missing (an existing ledger is left alone)."""
-    _locked_append(path, "", LEDGER_HEADER)
+    _locked_append(path, "", "\t".join(columns) + "\n")
 
 
 def experiments(rows):
@@ -588,6 +621,25 @@ def strip_comments(text):
 def log_block_heading(kind, name):
     """The heading of an Experiment Log block (kind REASONING or ANALYSIS), as LOG_BLOCK reads it."""
     return f"### {kind}: {name}"
+
+
+def newest_hypothesis(path=NOTES_FILE, limit=200):
+    """The hypothesis of the newest REASONING block in notes.md, on one line of at most `limit`
+    characters (golf's `reasoning` column): its `- hypothesis:` item, else its first line of text,
+    else its name; "" when there is none."""
+    try:
+        text = strip_comments(Path(path).read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return ""
+    starts = [match for match in LOG_BLOCK.finditer(text) if match.group(1).upper() == "REASONING"]
+    if not starts:
+        return ""
+    heading, _, body = text[starts[-1].start():].partition("\n")
+    body = re.split(r"^#{1,3}\s", body, maxsplit=1, flags=re.M)[0]  # up to the next heading
+    items = [line.strip().lstrip("-*").strip() for line in body.splitlines() if line.strip()]
+    hypothesis = next((item.split(":", 1)[1] for item in items if item.lower().startswith("hypothesis:")), None)
+    chosen = hypothesis if hypothesis is not None else (items[0] if items else heading.split(":", 1)[-1])
+    return one_line(chosen)[:limit]
 
 
 # ---------------------------------------------------------------------------

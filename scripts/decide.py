@@ -181,9 +181,11 @@ def decide_pending(action, force):
         runs = (summary or {}).get("runs") or 1
         description = pending["description"] + (f" [mean of {runs} runs]" if ok and runs > 1 else "")
         description += " [forced keep]" if forced else ""
+        size = pending.get("artifact_bytes")
         common.append_ledger_row(common.LedgerRow(
             commit[:7], pending["val_bpb"] if ok else 0.0, pending.get("memory_gb", 0.0) if ok else 0.0,
-            status, description))
+            status, description, artifact_mb=size / 1e6 if ok and isinstance(size, int) else 0.0,
+            reasoning=pending.get("reasoning", "")))
     if summary is not None:
         summary["decision"] = decision
         common.write_json_atomic(summary_path, summary)
@@ -275,7 +277,7 @@ def backtrack(commit_arg, reason):
     common.reset_hard(full)
     description = f"backtrack to {target.commit} ({reason or target.description})"
     common.append_ledger_row(common.LedgerRow(target.commit, target.val_bpb, target.memory_gb,
-                                              "backtrack", description))
+                                              "backtrack", description, target.artifact_mb, reason or ""))
     tracking.submit_backtrack(target.commit, rows)
     print(f"branch reset to {target.commit} (val_bpb {target.val_bpb:.6f}: {target.description})")
     return 0

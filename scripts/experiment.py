@@ -237,7 +237,8 @@ def finish(summary, pending, run_dir):
     tracking.submit(run_dir, summary["tracking"])  # queued for a detached worker: never waits
     pending.update(state="finished", status=summary["status"], verdict=summary["verdict"],
                    val_bpb=summary["val_bpb"] if summary["status"] == "ok" else None,
-                   memory_gb=summary["memory_gb"], triage=summary["triage"] and summary["triage"]["kind"],
+                   memory_gb=summary["memory_gb"], artifact_bytes=summary.get("artifact_bytes"),
+                   triage=summary["triage"] and summary["triage"]["kind"],
                    referee=summary.get("referee"), next=summary["next"])
     common.write_json_atomic(common.PENDING_FILE, pending)
     print("\n".join(console_lines(summary)))
@@ -262,6 +263,8 @@ def run_experiment(args):
     number = f"{runner.next_run_number():04d}"
     pending = {"id": number, "state": "starting", "description": description, "parent": parent,
                "started_at": common.now_iso(), **common.process_marker()}
+    if runner.golf_session(session):  # golf's ledger keeps the hypothesis the agent wrote for this run
+        pending["reasoning"] = common.newest_hypothesis()
     common.write_json_atomic(common.PENDING_FILE, pending)  # before the commit: a kill from here on is noticed
 
     rerun = "train.py" not in changed

@@ -820,7 +820,7 @@ def hours_since(iso):
 def write_report(state):
     """REPORT.md: the best result against the baseline, the diff between them, the ledger, the
     picture, totals, and why the loop stopped."""
-    rows = common.read_ledger()
+    rows, columns = common.read_ledger(), common.ledger_columns()
     runs = common.experiments(rows)
     baseline = common.baseline_row(rows)
     best = common.best_ever(rows)
@@ -846,9 +846,8 @@ def write_report(state):
               f"{len(runs)} runs ({experiments_after_baseline(rows)} experiments after the baseline): "
               + ", ".join(f"{name} {count}" for name, count in counts.items())
               + f"; {len(not_run)} iterations never reached training.", "",
-              "| commit | val_bpb | memory_gb | status | description |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {row.commit} | {row.val_bpb:.6f} | {row.memory_gb:.1f} | {row.status} | {row.description} |"
-              for row in rows]
+              "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + common.format_row(row, columns).rstrip("\n").replace("\t", " | ") + " |" for row in rows]
     if not_run:
         lines += ["", "Iterations without a run:", ""]
         lines += [f"- {record['number']:04d} {record['outcome']}: {record.get('reason')}" for record in not_run]

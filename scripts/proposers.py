@@ -458,13 +458,14 @@ def build_prompt(state, kind, instructions=None, crash=None):
         f"- Finish within {options['max_turns']} turns. End your reply with one JSON object on its own line:",
         f"  {answer}",
     ]
-    recent = "\n".join(common.format_row(row).rstrip("\n") for row in rows[-10:]) or "(no rows yet)"
+    columns = common.ledger_columns()
+    recent = "\n".join(common.format_row(row, columns).rstrip("\n") for row in rows[-10:]) or "(no rows yet)"
     status = [f"- session {state['tag']} on {state['branch']}, profile {(common.load_session() or {}).get('profile')}, "
               f"training budget {(common.load_session() or {}).get('time_budget')} s",
               f"- baseline: {baseline.val_bpb:.6f} ({baseline.commit})" if baseline else "- baseline: not run yet",
               f"- best kept: {best.val_bpb:.6f} ({best.commit}: {best.description})" if best else "- best: -",
               f"- experiments so far: {max(0, len(common.experiments(rows)) - 1)}",
-              "", "Last ledger rows (commit, val_bpb, memory_gb, status, description):", "", recent]
+              "", f"Last ledger rows ({', '.join(columns)}):", "", recent]
     parts = ["# autoresearch: one headless iteration", "", section("Task", "\n".join(task)),
              section("How this works", "\n".join(contract)), section("Where the research stands", "\n".join(status))]
     for title, path in (("IDEA.md (the research direction)", IDEA_FILE), ("PLAN.md", PLAN_FILE)):

@@ -253,7 +253,7 @@ def main():
     archived = archive_previous_session()
     start_commit = common.head_commit()
     common.git("checkout", "-q", "-b", branch)
-    common.ensure_ledger()
+    common.ensure_ledger(columns=common.GOLF_LEDGER_COLUMNS if args.golf else common.LEDGER_COLUMNS)
     create_memory_files()
     sandbox = "off" if args.no_sandbox else runner.sandbox_state({})
     session = {

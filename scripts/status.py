@@ -158,8 +158,9 @@ def print_text(status):
         limits = [f"deadline {status['deadline']}"] if status["deadline"] else []
         limits += [f"max_experiments {status['max_experiments']}"] if status["max_experiments"] else []
         print(f"limits: {', '.join(limits)}")
+    columns = common.ledger_columns()
     for row in status["last_rows"]:
-        print(common.format_row(common.LedgerRow(**row)), end="")
+        print(common.format_row(common.LedgerRow(**row), columns), end="")
 
 
 def protections_report(status):

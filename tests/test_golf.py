@@ -27,6 +27,8 @@ def test_golf_scores_the_round_trip_and_never_keeps_an_artifact_over_the_limit(t
     setup = helper("scripts/setup.py", "--tag", "golf", "--golf", "--noise-runs", "0")
     assert setup.returncode == 0 and "parameter golf" in setup.stdout, setup.stdout + setup.stderr
 
+    (repo / "notes.md").write_text((repo / "notes.md").read_text() + "\n### REASONING: baseline\n"
+                                   "- hypothesis: the unchanged train.py fits in the limit\n")
     baseline = helper("scripts/experiment.py", "baseline", "--timeout", "400")
     assert baseline.returncode == 0 and baseline.stdout.startswith("0001 "), baseline.stdout + baseline.stderr
     (run_dir,) = (repo / "runs").glob("0001-*")
@@ -60,9 +62,15 @@ def test_golf_scores_the_round_trip_and_never_keeps_an_artifact_over_the_limit(t
         assert "over parameter golf's 16,000,000" in refused.stderr
     discarded = helper("scripts/decide.py", "discard")
     assert discarded.returncode == 0, discarded.stdout + discarded.stderr
-    rows = [line.split("\t") for line in (repo / "results.tsv").read_text().splitlines()[1:]]
-    assert [row[3] for row in rows] == ["keep", "discard"]
+    header, *lines = (repo / "results.tsv").read_text().splitlines()
+    assert header.split("\t") == ["commit", "val_bpb", "artifact_mb", "status", "reasoning", "description"]
+    rows = [line.split("\t") for line in lines]
+    assert [row[3] for row in rows] == ["keep", "discard"] and [len(row) for row in rows] == [6, 6]
     assert float(rows[0][1]) == pytest.approx(summary["val_bpb"], abs=1e-6)
+    assert float(rows[0][2]) == summary["artifact_bytes"] / 1e6 and float(rows[1][2]) > 16.0
+    assert rows[0][4] == rows[1][4] == "the unchanged train.py fits in the limit"  # the newest REASONING
+    status = helper("scripts/status.py")
+    assert status.returncode == 0 and lines[0] in status.stdout and lines[1] in status.stdout, status.stdout
 
 
 def test_the_helpers_and_the_referee_agree_on_the_limit():

@@ -87,6 +87,38 @@ def test_append_writes_the_header_once(tmp_path):
     assert ledger.read_text() == common.LEDGER_HEADER + "abc1234\t1.000000\t2.0\tkeep\tbaseline\n"
 
 
+def test_a_golf_ledger_keeps_six_columns_and_appends_in_them(tmp_path):
+    ledger = tmp_path / "results.tsv"
+    common.ensure_ledger(ledger, columns=common.GOLF_LEDGER_COLUMNS)
+    assert ledger.read_text() == "commit\tval_bpb\tartifact_mb\tstatus\treasoning\tdescription\n"
+    written = common.LedgerRow("abc1234", 1.25, 3.5, "keep", "baseline", artifact_mb=15.999999,
+                               reasoning="tie the\tembeddings:\n half the bytes")
+    common.append_ledger_row(written, ledger)
+    assert ledger.read_text().splitlines()[1] == "abc1234\t1.250000\t15.999999\tkeep\ttie the embeddings: half the bytes\tbaseline"
+    [row] = common.read_ledger(ledger)
+    assert (row.artifact_mb, row.reasoning, row.description, row.memory_gb) == (15.999999, "tie the embeddings: half the bytes",
+                                                                                "baseline", 0.0)
+    assert common.ledger_columns(ledger) == common.GOLF_LEDGER_COLUMNS
+    with open(ledger, "a") as handle:  # a five-field line in a six-column ledger
+        handle.write("abc1234\t1.0\t2.0\tkeep\tx\n")
+    with pytest.raises(common.Refusal, match="results.tsv line 3: expected 6 tab-separated fields"):
+        common.read_ledger(ledger)
+
+
+def test_the_reasoning_column_is_the_newest_hypothesis_on_one_line(tmp_path):
+    notes = tmp_path / "notes.md"
+    assert common.newest_hypothesis(notes) == ""
+    notes.write_text("## Experiment Log\n\n<!-- ### REASONING: example\n- hypothesis: from the template -->\n"
+                     "### REASONING: old\n- hypothesis: an older one\n\n### ANALYSIS: old\n- result: worse\n\n"
+                     "### REASONING: tied embeddings\n- evidence: the embedding is 40% of the bytes\n"
+                     "- hypothesis:  tying them halves   the artifact\n  and costs 0.01 bpb\n- risk: none\n\n## Ideas Queue\n- x\n")
+    assert common.newest_hypothesis(notes) == "tying them halves the artifact"
+    notes.write_text("### REASONING: lr sweep\nraise the lr\n")
+    assert common.newest_hypothesis(notes) == "raise the lr"  # no hypothesis item: its first line
+    notes.write_text("### REASONING: only a name\n")
+    assert common.newest_hypothesis(notes) == "only a name"
+
+
 def row(commit, val_bpb, status):
     return common.LedgerRow(commit, val_bpb, 1.0, status, commit)
 

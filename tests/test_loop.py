@@ -30,6 +30,8 @@ def test_random_loop_runs_the_baseline_and_five_experiments(repo):
     report = repo.report()
     assert "Stopped: --max-experiments 5 reached" in report and "## Diff from baseline to best" in report
     assert "![progress](progress.png)" in report and (repo.path / "progress.png").stat().st_size > 0
+    assert "| commit | val_bpb | memory_gb | status | description |" in report  # the ledger, in its columns
+    assert all("| " + " | ".join(row) + " |" in report for row in rows), report
     state = repo.state()
     assert state["stage"] == "done" and state["options"]["agent"] == "random"
     notes = (repo.path / "notes.md").read_text()
