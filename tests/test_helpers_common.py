@@ -196,9 +196,9 @@ def test_referee_verdict_without_a_number_of_train_pys_own():
 def test_the_allowance_follows_the_measured_overhead_within_its_bounds():
     assert runner.allowance_from([0.05, 0.1], 2) == pytest.approx(0.5)  # the floor
     assert runner.allowance_from([8.0], 90) == pytest.approx(1.5 * 8 + 9)
-    assert runner.allowance_from([500.0], 90) == runner.ALLOWANCE_MAX_SECONDS  # the cap: two minutes
-    assert runner.allowance_from([500.0], 300) == 300  # or the budget again, if more
-    assert runner.compute_limit({"time_budget": 90}) == 90 + 120  # not measured yet: the cap
+    assert runner.allowance_from([500.0], 90) == runner.ALLOWANCE_MAX_SECONDS == 300  # the cap: five minutes
+    assert runner.allowance_from([500.0], 600) == 600  # or the budget again, if more
+    assert runner.compute_limit({"time_budget": 90}) == 90 + 300  # not measured yet: the cap
     assert runner.compute_limit({"time_budget": 90, "allowance_s": 21.0}) == 111
     assert runner.compute_limit({}) is None
     # two ranks under torchrun on the CPU clock: three processes import torch, the budget is shared
