@@ -200,8 +200,14 @@ LEDGER_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
 # artifact's size in MB (10^6 bytes, as its 16 MB limit) where upstream has memory, and the
 # hypothesis condensed to one line. A ledger's header says which of the two it is.
 GOLF_LEDGER_COLUMNS = ("commit", "val_bpb", "artifact_mb", "status", "reasoning", "description")
-LEDGER_HEADER = "\t".join(LEDGER_COLUMNS) + "\n"
-GOLF_LEDGER_HEADER = "\t".join(GOLF_LEDGER_COLUMNS) + "\n"
+
+
+def header_line(columns):
+    return "\t".join(columns) + "\n"
+
+
+LEDGER_HEADER = header_line(LEDGER_COLUMNS)
+GOLF_LEDGER_HEADER = header_line(GOLF_LEDGER_COLUMNS)
 # invalid: the referee caught the result (a model that looks ahead, or a number the saved model does
 # not reproduce); like a crash it carries 0.000000 and 0.0, because no trusted number exists.
 STATUSES = ("keep", "discard", "crash", "backtrack", "invalid")
@@ -261,9 +267,13 @@ def ledger_columns(path=LEDGER_FILE):
     a Refusal when its first line is neither header."""
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            header = handle.readline()
+            return columns_of_header(handle.readline(), path)
     except FileNotFoundError:
         return LEDGER_COLUMNS
+
+
+def columns_of_header(header, path=LEDGER_FILE):
+    """The columns of a ledger whose first line is `header` ("" for an empty file: upstream's five)."""
     for columns, expected in ((LEDGER_COLUMNS, LEDGER_HEADER), (GOLF_LEDGER_COLUMNS, GOLF_LEDGER_HEADER)):
         if header in ("", expected):
             return columns
@@ -278,7 +288,7 @@ def read_ledger(path=LEDGER_FILE):
     except FileNotFoundError:
         return []
     lines = text.splitlines(keepends=True)
-    columns = ledger_columns(path) if lines else LEDGER_COLUMNS
+    columns = columns_of_header(lines[0] if lines else "", path)  # the file read once
     return [parse_row(line, number, path, columns) for number, line in enumerate(lines[1:], start=2)
             if line.strip()]
 
@@ -306,12 +316,12 @@ def _locked_append(path, text, header):
 def append_ledger_row(row, path=LEDGER_FILE):
     """Append `row` in the columns of the ledger's header (setup.py wrote it)."""
     columns = ledger_columns(path)
-    _locked_append(path, format_row(row, columns), "\t".join(columns) + "\n")
+    _locked_append(path, format_row(row, columns), header_line(columns))
 
 
 def ensure_ledger(path=LEDGER_FILE, columns=LEDGER_COLUMNS):
     """Create results.tsv with its header when missing (an existing ledger is left alone)."""
-    _locked_append(path, "", "\t".join(columns) + "\n")
+    _locked_append(path, "", header_line(columns))
 
 
 def experiments(rows):
