@@ -212,6 +212,9 @@ GOLF_LEDGER_HEADER = header_line(GOLF_LEDGER_COLUMNS)
 # not reproduce); like a crash it carries 0.000000 and 0.0, because no trusted number exists.
 STATUSES = ("keep", "discard", "crash", "backtrack", "invalid")
 NO_RESULT_STATUSES = ("crash", "invalid")
+# constraint: an external task's run broke one of autoresearch.toml's constraints (scripts/task.py); it
+# keeps its measured number, but is never kept. Only such a ledger has the status.
+CONSTRAINT_STATUS = "constraint"
 COMMIT_PATTERN = re.compile(r"^[0-9a-f]{7,40}$")
 
 
@@ -223,6 +226,7 @@ class LedgerRow(NamedTuple):
     description: str
     artifact_mb: float = 0.0  # golf ledgers: code plus compressed model, MB of 10^6 bytes; 0.0 for a crash
     reasoning: str = ""  # golf ledgers: the experiment's hypothesis, one line
+    extras: dict | None = None  # external tasks' ledgers: {column: value} of autoresearch.toml's columns
 
 
 def one_line(text):
@@ -231,11 +235,16 @@ def one_line(text):
 
 
 def format_row(row, columns=LEDGER_COLUMNS):
-    """One ledger line, in the five upstream columns or (columns=GOLF_LEDGER_COLUMNS) golf's six."""
+    """One ledger line, in the five upstream columns, (columns=GOLF_LEDGER_COLUMNS) golf's six, or an
+    external task's `commit <metric> <its columns> status description`."""
     head = f"{row.commit[:7]}\t{row.val_bpb:.6f}\t"
     if columns == GOLF_LEDGER_COLUMNS:
         return head + f"{row.artifact_mb:.6f}\t{row.status}\t{one_line(row.reasoning)}\t{one_line(row.description)}\n"
-    return head + f"{row.memory_gb:.1f}\t{row.status}\t{one_line(row.description)}\n"
+    if columns == LEDGER_COLUMNS:
+        return head + f"{row.memory_gb:.1f}\t{row.status}\t{one_line(row.description)}\n"
+    extras = row.extras or {}
+    return head + "".join(f"{extras.get(name, 0.0):.6f}\t" for name in columns[2:-2]) + \
+        f"{row.status}\t{one_line(row.description)}\n"
 
 
 def parse_row(line, number, path=LEDGER_FILE, columns=LEDGER_COLUMNS):
@@ -245,6 +254,8 @@ def parse_row(line, number, path=LEDGER_FILE, columns=LEDGER_COLUMNS):
     if len(fields) != len(columns):
         raise Refusal(f"{where}: expected {len(columns)} tab-separated fields "
                       f"({' '.join(columns)}), found {len(fields)}: fix or remove that line")
+    if columns not in (LEDGER_COLUMNS, GOLF_LEDGER_COLUMNS):
+        return _parse_task_row(fields, where, columns)
     golf = columns == GOLF_LEDGER_COLUMNS
     commit, val_bpb, size, status = fields[:4]
     reasoning, description = (fields[4], fields[5]) if golf else ("", fields[4])
@@ -262,6 +273,27 @@ def parse_row(line, number, path=LEDGER_FILE, columns=LEDGER_COLUMNS):
     return LedgerRow(commit, numbers[0], numbers[1], status, description)
 
 
+def _parse_task_row(fields, where, columns):
+    """A row of an external task's ledger: commit, the metric, the task's columns, status, description."""
+    commit, value, *extras, status, description = fields
+    if not COMMIT_PATTERN.match(commit):
+        raise Refusal(f"{where}: {commit[:40]!r} is not a commit hash: fix or remove that line")
+    if status not in STATUSES + (CONSTRAINT_STATUS,):
+        raise Refusal(f"{where}: status {status[:20]!r} is not one of {', '.join(STATUSES + (CONSTRAINT_STATUS,))}")
+    try:
+        numbers = [float(text) for text in [value, *extras]]
+    except ValueError:
+        raise Refusal(f"{where}: {', '.join(columns[1:-2])} must be numbers") from None
+    return LedgerRow(commit, numbers[0], 0.0, status, description, extras=dict(zip(columns[2:-2], numbers[1:])))
+
+
+def task_columns():
+    """The ledger columns setup.py recorded for an external task (scripts/task.py), or None."""
+    session = load_session() if SESSION_FILE.exists() else None
+    columns = (session or {}).get("ledger_columns") if (session or {}).get("task") == "external" else None
+    return tuple(columns) if columns else None
+
+
 def ledger_columns(path=LEDGER_FILE):
     """The columns a ledger's header names (upstream's five when the file is missing or empty);
     a Refusal when its first line is neither header."""
@@ -273,7 +305,11 @@ def ledger_columns(path=LEDGER_FILE):
 
 
 def columns_of_header(header, path=LEDGER_FILE):
-    """The columns of a ledger whose first line is `header` ("" for an empty file: upstream's five)."""
+    """The columns of a ledger whose first line is `header` ("" for an empty file: upstream's five, or
+    an external task's)."""
+    external = task_columns() if path == LEDGER_FILE else None
+    if external and header in ("", header_line(external)):
+        return external
     for columns, expected in ((LEDGER_COLUMNS, LEDGER_HEADER), (GOLF_LEDGER_COLUMNS, GOLF_LEDGER_HEADER)):
         if header in ("", expected):
             return columns
@@ -350,20 +386,46 @@ def baseline_row(rows):
 
 
 def status_counts(rows):
-    """{status: how many rows have it}, every status of STATUSES present."""
-    return {status: sum(row.status == status for row in rows) for status in STATUSES}
+    """{status: how many rows have it}, every status of STATUSES present (and `constraint` when a row has it)."""
+    present = STATUSES + ((CONSTRAINT_STATUS,) if any(row.status == CONSTRAINT_STATUS for row in rows) else ())
+    return {status: sum(row.status == status for row in rows) for status in present}
 
 
-def best_kept(rows):
-    """The kept row with the lowest val_bpb on the current lineage, or None before the baseline."""
-    lineage = kept_lineage(rows)
-    return min(lineage, key=lambda row: row.val_bpb) if lineage else None
+def metric_direction(session=None):
+    """'lower' (val_bpb: the built-in protocol) or 'higher': the direction an external task's metric
+    improves in, as setup.py recorded it from autoresearch.toml."""
+    if session is None:
+        session = load_session() if SESSION_FILE.exists() else None
+    return ((session or {}).get("metric") or {}).get("direction", "lower")
 
 
-def best_ever(rows):
-    """The kept row with the lowest val_bpb of the whole session, or None."""
-    kept = [row for row in rows if row.status == "keep"]
-    return min(kept, key=lambda row: row.val_bpb) if kept else None
+def metric_name(session=None):
+    """The decision metric's name: val_bpb, or an external task's."""
+    if session is None:
+        session = load_session() if SESSION_FILE.exists() else None
+    return ((session or {}).get("metric") or {}).get("name", "val_bpb")
+
+
+def best_of(rows, direction=None):
+    """The row with the best value in the session's direction (the lowest val_bpb for the built-in task)."""
+    if not rows:
+        return None
+    return (max if (direction or metric_direction()) == "higher" else min)(rows, key=lambda row: row.val_bpb)
+
+
+def beats(value, other, direction=None):
+    """Whether `value` is strictly better than `other` in the session's direction."""
+    return value > other if (direction or metric_direction()) == "higher" else value < other
+
+
+def best_kept(rows, direction=None):
+    """The kept row with the best value (the lowest val_bpb) on the current lineage, or None before the baseline."""
+    return best_of(kept_lineage(rows), direction)
+
+
+def best_ever(rows, direction=None):
+    """The kept row with the best value (the lowest val_bpb) of the whole session, or None."""
+    return best_of([row for row in rows if row.status == "keep"], direction)
 
 
 # ---------------------------------------------------------------------------
@@ -451,20 +513,21 @@ def classify_change(diff):
     return "cosmetic" if all(is_cosmetic_line(line) for line in changed) else "code"
 
 
-def verdict(val_bpb, best_val_bpb, noise, lines, parent_lines, runs=1, change="code"):
+def verdict(val_bpb, best_val_bpb, noise, lines, parent_lines, runs=1, change="code", direction="lower"):
     """The verdict on val_bpb (the mean of `runs` runs) against the best kept:
 
     baseline (nothing kept yet), rerun / cosmetic (the diff changes nothing that trains: never kept),
     improved (one run beats the best by KEEP_MARGIN_NOISE noise units), confirmed (the mean of
     several runs beats it by keep_margin(runs)), simpler (within the noise and train.py got shorter),
-    marginal (one run beats the best by less: confirm it under a new seed), not confirmed, not improved."""
+    marginal (one run beats the best by less: confirm it under a new seed), not confirmed, not improved.
+    direction "higher" (an external task's metric) turns the comparison round: a gain is then a rise."""
     if best_val_bpb is None:
         return "baseline"
     if change == "none":
         return "rerun"
     if change == "cosmetic":
         return "cosmetic"
-    delta = val_bpb - best_val_bpb
+    delta = val_bpb - best_val_bpb if direction == "lower" else best_val_bpb - val_bpb
     if delta <= -keep_margin(runs) * noise:
         return "improved" if runs == 1 else "confirmed"
     if delta <= noise and lines < parent_lines:
@@ -603,7 +666,9 @@ def is_default_training_command(command):
 def protections_off(guards):
     """The protections a run went without, as short words for the result line and status ([] when none)."""
     off = []
-    if guards.get("referee") != "on":
+    if guards.get("task") == "external":
+        off.append("self-reported (external task: no referee)")
+    elif guards.get("referee") != "on":
         off.append("self-reported (referee off)")
     if guards.get("sandbox") != "on":
         off.append(f"sandbox {guards.get('sandbox', 'off').split(':')[0]}")
@@ -689,7 +754,12 @@ def changed_tracked_files():
 
 def commit_file(path, message):
     """Commit one tracked file as it is in the working tree; returns the new commit's hash."""
-    args = ("commit", "-q", "--no-verify", "-m", message, "--", str(path))
+    return commit_files([path], message)
+
+
+def commit_files(paths, message):
+    """Commit tracked files as they are in the working tree; returns the new commit's hash."""
+    args = ("commit", "-q", "--no-verify", "-m", message, "--", *map(str, paths))
     try:
         git(*args)
     except GitError as error:

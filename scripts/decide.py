@@ -14,6 +14,9 @@ discard   appends a `discard` row and resets the branch to the last kept commit.
           A crashed run is recorded as `crash`, and a result the referee caught as `invalid`,
           whatever was asked, and reset the same way. The saved models (model.pt2) of runs that
           were not kept are deleted: about 200 MB each on the H100 profile.
+          An external task's run that broke a constraint of autoresearch.toml is recorded as
+          `constraint`, with its number, whatever was asked: never a keep, --force included. Its
+          keep rule compares in the task's direction (higher is better, where it says so).
 backtrack rewinds the branch to an earlier kept commit (default: the best) and appends a
           `backtrack` row; later experiments compare against the best kept up to that commit.
 
@@ -95,10 +98,11 @@ def keep_refusal(summary, pending, rows, session):
         if size > runner.GOLF_LIMIT_BYTES:
             return (f"keep refused: experiment {number}'s artifact is {size:,} bytes (train.py plus the int8+zlib "
                     f"model), over parameter golf's {runner.GOLF_LIMIT_BYTES:,}: {common.DISCARD_COMMAND}", False)
-    noise = common.noise_band(session)
+    noise, metric = common.noise_band(session), common.metric_name(session)
     judged = common.verdict(summary["val_bpb"], best.val_bpb if best else None, noise,
                             summary.get("train_py_lines", 0), summary.get("parent_train_py_lines", 0),
-                            runs=summary.get("runs") or 1, change=summary.get("change", "code"))
+                            runs=summary.get("runs") or 1, change=summary.get("change", "code"),
+                            direction=common.metric_direction(session))
     if judged in common.NEVER_KEEP_VERDICTS:
         what = "changes nothing in train.py" if judged == "rerun" else "only touches seeds, printing, logging or comments"
         return (f"keep refused: experiment {number} {what}, so a lower val_bpb is luck and never a keep: "
@@ -113,7 +117,7 @@ def keep_refusal(summary, pending, rows, session):
         return (f"keep refused: experiment {number}'s mean of {summary['runs']} runs beat the best by {-units:.1f} "
                 f"noise units, under the {common.keep_margin(summary['runs']):.2f} needed: {common.DISCARD_COMMAND}", True)
     if judged not in common.KEEP_VERDICTS:
-        return (f"keep refused: val_bpb {summary['val_bpb']:.6f} is worse than the best kept "
+        return (f"keep refused: {metric} {summary['val_bpb']:.6f} is worse than the best kept "
                 f"{best.val_bpb:.6f} ({best.commit}) by {delta:.6f}, and not a simplification within the noise "
                 f"band {noise:g}: discard it, or --force", True)
     if session.get("referee") != "off" and summary.get("referee") != "verified":
@@ -149,7 +153,7 @@ def decide_pending(action, force):
             print(f"{number} was interrupted before its commit: nothing ran, nothing recorded")
             return 0
         status, forced = "crash", False
-    elif pending.get("status") in common.NO_RESULT_STATUSES:
+    elif pending.get("status") in common.NO_RESULT_STATUSES + (common.CONSTRAINT_STATUS,):
         status, forced = pending["status"], False
     elif action == "keep":
         # a helper, a hook, prepare.py or any byte of the prepared data changed since the experiment: stop here
@@ -172,7 +176,7 @@ def decide_pending(action, force):
         decision = {"status": status, "forced": forced, "asked": action, "decided_at": common.now_iso(),
                     "ledger_rows_before": len(rows),
                     "new_best": status == "keep" and (common.best_ever(rows) is None
-                                                      or pending["val_bpb"] < common.best_ever(rows).val_bpb)}
+                                                      or common.beats(pending["val_bpb"], common.best_ever(rows).val_bpb))}
         pending.update(decision=decision, commit=commit)
         common.write_json_atomic(common.PENDING_FILE, pending)  # first: a retry then never doubles the row
 
@@ -185,12 +189,12 @@ def decide_pending(action, force):
         common.append_ledger_row(common.LedgerRow(
             commit[:7], pending["val_bpb"] if ok else 0.0, pending.get("memory_gb", 0.0) if ok else 0.0,
             status, description, artifact_mb=size / 1e6 if ok and isinstance(size, int) else 0.0,
-            reasoning=pending.get("reasoning", "")))
+            reasoning=pending.get("reasoning", ""), extras=pending.get("columns")))
     if summary is not None:
         summary["decision"] = decision
         common.write_json_atomic(summary_path, summary)
         tracking.submit(summary_path.parent)  # the tracker run's status tag follows the decision
-    if status == "keep" and decision.get("new_best"):
+    if status == "keep" and decision.get("new_best") and session.get("task") != "external":  # no referee to score it
         score_held_out(pending, summary, session)
     if status != "keep":
         runner.delete_saved_models(run_dirs_of(pending, summary))
@@ -202,6 +206,9 @@ def decide_pending(action, force):
     best_text = f"best {best.val_bpb:.6f} ({best.commit})" if best else "nothing kept yet"
     if status == "keep":
         print(f"{number} kept {commit[:7]}{' (forced)' if forced else ''}; {best_text}")
+    elif status == common.CONSTRAINT_STATUS:
+        asked = "" if action == "discard" else f" (not {action}: it broke a constraint of the task)"
+        print(f"{number} recorded as {status}{asked}; branch reset to {target[:7]}; {best_text}")
     elif status in common.NO_RESULT_STATUSES:
         asked = "" if action == "discard" else f" (not {action}: it {'crashed' if status == 'crash' else 'is invalid'})"
         print(f"{number} recorded as {status}{asked}; branch reset to {target[:7]}; {best_text}")
@@ -277,7 +284,7 @@ def backtrack(commit_arg, reason):
     common.reset_hard(full)
     description = f"backtrack to {target.commit} ({reason or target.description})"
     common.append_ledger_row(common.LedgerRow(target.commit, target.val_bpb, target.memory_gb,
-                                              "backtrack", description, target.artifact_mb, reason or ""))
+                                              "backtrack", description, target.artifact_mb, reason or "", target.extras))
     tracking.submit_backtrack(target.commit, rows)
     print(f"branch reset to {target.commit} (val_bpb {target.val_bpb:.6f}: {target.description})")
     return 0

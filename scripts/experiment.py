@@ -37,6 +37,13 @@ Usage:
 The training command defaults to this Python running train.py (with --gpus N > 1: under torchrun,
 one DistributedDataParallel rank per GPU); --train-command or the AUTORESEARCH_TRAIN_COMMAND
 environment variable replaces it (split like a shell would).
+
+In a session of an external task (autoresearch.toml, scripts/task.py) it commits the task's editable
+files instead of train.py, runs the task's command (--train-command still replaces it; the
+environment variable does not) under the same sandbox, process group, timeout and wall-clock
+budget, and reads the metric and the constraints from the run's log with the task's patterns.
+There is no referee: the number is the script's own, and the line says self-reported. A run that
+breaks a constraint is `constraint`: it keeps its number but is never kept.
 """
 
 import argparse
@@ -49,6 +56,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import runner  # noqa: E402
+import task  # noqa: E402
 import tracking  # noqa: E402  (MLflow or W&B when the session tracks; costs nothing otherwise)
 
 CONSOLE_LIMIT_BYTES = 300  # an agent's context is the scarcest resource of the night
@@ -69,11 +77,15 @@ def check_preconditions(session, confirming=False):
     if pending and not confirming:
         raise common.Refusal(common.pending_message(pending))
     changed = common.changed_tracked_files()
-    others = [path for path in changed if path != "train.py" or confirming]
+    current = task.session_task(session)  # an external task: refused when autoresearch.toml changed
+    editable = current.editable if current else ("train.py",)
+    others = [path for path in changed if path not in editable or confirming]
     if others:
-        raise common.Refusal(f"only train.py may change, but these differ from HEAD: {', '.join(others)} "
+        raise common.Refusal(f"only {', '.join(editable)} may change, but these differ from HEAD: {', '.join(others)} "
                              f"(revert: git checkout HEAD -- {' '.join(others)})")
     runner.check_pins(session, data=True)  # the data by size, time and inode where large
+    if current:
+        return changed, {}
     manifest = common.require_manifest()
     for key in ("profile", "dataset"):
         if manifest.get(key) != session.get(key):
@@ -82,9 +94,11 @@ def check_preconditions(session, confirming=False):
     return changed, manifest
 
 
-def train_py_line_counts(diff):
-    """(lines now, lines in the parent) of train.py, from the file and the diff against the parent."""
-    lines = len(common.TRAIN_FILE.read_text().splitlines()) if common.TRAIN_FILE.exists() else 0
+def train_py_line_counts(diff, files=("train.py",)):
+    """(lines now, lines in the parent) of train.py (or an external task's editable files), from the
+    files and the diff against the parent."""
+    lines = sum(len((common.ROOT / name).read_text(errors="replace").splitlines())
+                for name in files if (common.ROOT / name).is_file())
     added = sum(1 for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++"))
     removed = sum(1 for line in diff.splitlines() if line.startswith("-") and not line.startswith("---"))
     return lines, lines - added + removed
@@ -176,7 +190,8 @@ def judge(summary, samples, rows, session):
         delta_vs_best=value - best_val if best else None,
         delta_noise_units=round(common.noise_units(value - best_val, noise), 2) if best else None,
         verdict=common.verdict(value, best_val, noise, summary["train_py_lines"], summary["parent_train_py_lines"],
-                               runs=len(samples), change=summary["change"]))
+                               runs=len(samples), change=summary["change"],
+                               direction=common.metric_direction(session)))
     if runner.golf_session(session):  # the largest artifact of its runs, against the challenge's limit
         sizes = [(sample.get("referee") or {}).get("artifact_bytes") for sample in samples]
         sizes = [size for size in sizes if isinstance(size, int)]
@@ -200,6 +215,10 @@ def console_lines(summary):
     """What the agent sees: one line for a result, at most three for a crash, within 300 bytes."""
     number, commit = summary["id"], summary["commit"][:7]
     failure = summary["triage"]
+    metric = summary.get("metric_name") or "val_bpb"
+    if summary["status"] == common.CONSTRAINT_STATUS:  # measured, but against the task's rules
+        return [ascii_line(f"{number} {commit} constraint: {failure['detail']}; {metric} {summary['val_bpb']:.6f} "
+                           "self-reported, never kept (next: decide.py discard)", CONSOLE_LIMIT_BYTES - 1)]
     if failure:
         kind = "invalid" if summary["status"] == "invalid" else "crash"
         lines = [ascii_line(f"{number} {commit} {kind} ({failure['kind']}): {failure['detail']}", 160)]
@@ -224,7 +243,9 @@ def console_lines(summary):
     step = summary["next"].replace("uv run scripts/", "")
     size = summary.get("artifact_bytes")
     artifact = f" artifact {size / 1e6:.3f} MB" if isinstance(size, int) else ""
-    line = (f"{number} {commit} val_bpb {summary['val_bpb']:.6f}{runs} ({against}) mem {summary['memory_gb']:.1f} GB"
+    memory = f" mem {summary['memory_gb']:.1f} GB" if summary.get("task") is None else "".join(
+        f" {name} {value:g}" for name, value in (summary.get("constraints") or {}).items() if value is not None)
+    line = (f"{number} {commit} {metric} {summary['val_bpb']:.6f}{runs} ({against}){memory}"
             f"{artifact} {clock} {seconds:.1f} s: {summary['verdict']}{unverified}{lowered} (next: {step})")
     return [ascii_line(line, CONSOLE_LIMIT_BYTES - 1)]
 
@@ -236,8 +257,9 @@ def finish(summary, pending, run_dir):
     common.write_json_atomic(run_dir / "summary.json", summary)
     tracking.submit(run_dir, summary["tracking"])  # queued for a detached worker: never waits
     pending.update(state="finished", status=summary["status"], verdict=summary["verdict"],
-                   val_bpb=summary["val_bpb"] if summary["status"] == "ok" else None,
+                   val_bpb=summary["val_bpb"] if summary["status"] in ("ok", common.CONSTRAINT_STATUS) else None,
                    memory_gb=summary["memory_gb"], artifact_bytes=summary.get("artifact_bytes"),
+                   columns=summary.get("columns"),
                    triage=summary["triage"] and summary["triage"]["kind"],
                    referee=summary.get("referee"), next=summary["next"])
     common.write_json_atomic(common.PENDING_FILE, pending)
@@ -255,10 +277,12 @@ def run_experiment(args):
         raise common.Refusal("give the experiment a description: what does it try?")
     session = common.require_session()
     changed, manifest = check_preconditions(session)
+    current = task.session_task(session)
     rows = common.read_ledger()  # a corrupt ledger is refused now, not after an hour of training
-    timeout = args.timeout or runner.default_timeout(manifest)
+    timeout = args.timeout or (current.timeout if current else runner.default_timeout(manifest))
     seed = args.seed if args.seed is not None else int(os.environ.get("AUTORESEARCH_SEED", common.DEFAULT_SEED))
-    command = common.training_command(args.train_command, args.gpus)
+    command = experiment_command(args, current)
+    editable = current.editable if current else ("train.py",)
     parent = common.head_commit()
     number = f"{runner.next_run_number():04d}"
     pending = {"id": number, "state": "starting", "description": description, "parent": parent,
@@ -267,9 +291,10 @@ def run_experiment(args):
         pending["reasoning"] = common.newest_hypothesis()
     common.write_json_atomic(common.PENDING_FILE, pending)  # before the commit: a kill from here on is noticed
 
-    rerun = "train.py" not in changed
+    edited = [name for name in editable if name in changed]
+    rerun = not edited
     try:
-        commit = parent if rerun else common.commit_file("train.py", f"experiment: {description}")
+        commit = parent if rerun else common.commit_files(edited, f"experiment: {description}")
     except common.GitError:
         common.PENDING_FILE.unlink()  # nothing was committed: nothing is pending
         raise
@@ -277,8 +302,8 @@ def run_experiment(args):
     run_log = run_dir / "run.log"
     pending.update(state="running", commit=commit, run_dir=str(run_dir.relative_to(common.ROOT)))
     common.write_json_atomic(common.PENDING_FILE, pending)
-    diff = "" if rerun else common.git("diff", parent, commit, "--", "train.py")
-    lines, parent_lines = train_py_line_counts(diff)
+    diff = "" if rerun else common.git("diff", parent, commit, "--", *editable)
+    lines, parent_lines = train_py_line_counts(diff, editable)
     started_at = common.now_iso()
     linked = link_run_log(run_log)
 
@@ -287,7 +312,7 @@ def run_experiment(args):
         common.write_json_atomic(common.PENDING_FILE, pending)
 
     run = runner.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid,
-                           ranks=args.gpus)
+                           ranks=args.gpus, task=current)
     runner.score_run(run, run_dir, session, timeout)  # every run is scored by the referee: its number decides
     if not linked:
         common.RUN_LOG.write_bytes(run_log.read_bytes())
@@ -315,6 +340,11 @@ def run_experiment(args):
     }
     if run["referee"]:
         summary["referee_seconds"] = run["referee"]["seconds"]
+    if current:  # what the task's patterns read, and the ledger's extra columns
+        values = {constraint.name: run["metrics"].get(constraint.name) for constraint in current.constraints}
+        summary.update(task=current.name, metric_name=current.metric_name, direction=current.direction,
+                       constraints=values, columns=current.column_values(values), editable=list(editable),
+                       self_reported=True)
     if run["status"] == "ok":
         # Setup's noise runs re-ran this very commit (the baseline) under other seeds: they count too.
         noise_runs = [{"run": sample["run"], "seed": sample["seed"], "val_bpb": sample["val_bpb"], "noise": True}
@@ -336,7 +366,20 @@ def run_experiment(args):
         summary["protections"] = run["protections"]
         if run["status"] == "invalid":
             summary["verdict"] = "invalid"
+        if run["status"] == common.CONSTRAINT_STATUS:
+            summary.update(verdict=common.CONSTRAINT_STATUS, val_bpb=run["value"])
     return finish(summary, pending, run_dir)
+
+
+def experiment_command(args, current):
+    """The command that runs one experiment: --train-command, else an external task's own command,
+    else common.training_command (train.py, under torchrun with --gpus N)."""
+    if current is None:
+        return common.training_command(args.train_command, args.gpus)
+    if args.gpus > 1:
+        raise common.Refusal(f"--gpus runs train.py under torchrun; {task.TASK_FILE.name}'s command launches its "
+                             "own processes (put torchrun --nproc_per_node=N in it)")
+    return common.training_command(args.train_command) if args.train_command else list(current.command)
 
 
 def confirm(args):
@@ -367,7 +410,8 @@ def confirm(args):
         raise common.Refusal(f"HEAD is {common.head_commit()[:7]}, not experiment {pending['id']}'s commit "
                              f"{commit[:7]}: git checkout it, or discard")
     rows = common.read_ledger()
-    timeout = args.timeout or runner.default_timeout(manifest)
+    external = task.session_task(session)
+    timeout = args.timeout or (external.timeout if external else runner.default_timeout(manifest))
     seed = runner.next_seed({sample["seed"] for sample in summary["samples"]}, summary["seed"] + 1)
     run_dir = runner.new_run_dir(commit)
     pending["confirmation"] = {"state": "running", "run_dir": str(run_dir.relative_to(common.ROOT)), "seed": seed,
@@ -380,10 +424,11 @@ def confirm(args):
         pending["confirmation"]["training_pgid"] = pid
         common.write_json_atomic(common.PENDING_FILE, pending)
 
-    command = common.training_command(args.train_command, args.gpus)
+    current = task.session_task(session)
+    command = experiment_command(args, current)
     started_at = common.now_iso()
     run = runner.train_run(run_dir, command, seed, timeout, session, on_start=record_training_pid,
-                           ranks=args.gpus)
+                           ranks=args.gpus, task=current)
     runner.score_run(run, run_dir, session, timeout)
     common.write_json_atomic(run_dir / "summary.json", {
         "id": run_dir.name[:4], "kind": "confirmation", "confirms": pending["run_dir"].split("/")[-1],

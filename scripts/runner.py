@@ -305,9 +305,10 @@ def _mounts_sorted(mounts):
     return sorted(mounts, key=lambda mount: len(Path(mount[1]).parts))
 
 
-def bwrap_command(command, readable=(), writable=(), hidden=(), chdir=ROOT):
+def bwrap_command(command, readable=(), writable=(), hidden=(), chdir=ROOT, masked=()):
     """`command` wrapped in bwrap with only `readable` (read-only) and `writable` paths visible,
-    `hidden` folders covered by an empty tmpfs, the system and Python read-only, no network."""
+    `hidden` folders covered by an empty tmpfs, `masked` files replaced by an empty one (/dev/null),
+    the system and Python read-only, no network."""
     mounts = []
     for path in SYSTEM_PATHS:
         if os.path.islink(path):
@@ -322,6 +323,7 @@ def bwrap_command(command, readable=(), writable=(), hidden=(), chdir=ROOT):
         mounts.append(("--ro-bind", "/sys", "/sys"))
     mounts += [("--ro-bind", str(path), str(path)) for path in sorted({*python_paths(), *map(Path, readable)})]
     mounts += [("--tmpfs", str(path), None) for path in hidden]
+    mounts += [("--ro-bind", str(path), "/dev/null") for path in masked]
     mounts += [("--bind", str(path), str(path)) for path in [*writable, *shared_paths()]]
     args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--proc", "/proc", "--dev", "/dev"]
     for option, path, target in _mounts_sorted(mounts):
@@ -337,11 +339,12 @@ def bwrap_command(command, readable=(), writable=(), hidden=(), chdir=ROOT):
                    "--chdir", str(chdir), "--", *command]
 
 
-def training_sandbox(command, out_dir, hide_eval=True):
+def training_sandbox(command, out_dir, hide_eval=True, task_hidden=()):
     """The training command in the sandbox: the repository (runs/ hidden) and prepared/ (eval/ hidden
     when hide_eval) read-only, out_dir writable. The program and script of a --train-command that lie
     outside the repository (its first two words) are made visible read-only with their folders;
-    its other arguments are not."""
+    its other arguments are not. task_hidden: an external task's evaluation-only files and folders
+    (autoresearch.toml's `hidden`), emptied for the run."""
     prepared = prepared_dir()
     # the cache at the path training knows it by (bwrap follows a link in a source, not in a target)
     readable = [ROOT] + ([prepared.absolute()] if prepared.is_dir() else [])
@@ -350,10 +353,11 @@ def training_sandbox(command, out_dir, hide_eval=True):
             path = Path(part).resolve()
             if not _is_within(path, [ROOT, *python_paths()]):
                 readable.append(path.parent)
-    hidden = [RUNS_DIR]
+    hidden = [RUNS_DIR] + [path for path in task_hidden if path.is_dir()]
     if hide_eval and eval_dir().is_dir():
         hidden.append(eval_dir().absolute())
-    return bwrap_command(command, readable=readable, writable=[Path(out_dir).resolve()], hidden=hidden)
+    return bwrap_command(command, readable=readable, writable=[Path(out_dir).resolve()], hidden=hidden,
+                         masked=[path for path in task_hidden if not path.is_dir()])
 
 
 def referee_sandbox(command, folder, run_dir):
@@ -423,6 +427,10 @@ def protections(session, command=None):
     compute_measured is none for a run dispatched to a cluster: its limit is the timeout there."""
     sandbox = sandbox_state(session)
     referee = "off" if (session or {}).get("referee") == "off" else "on"
+    if (session or {}).get("task") == "external":  # no referee: the task's script scores itself
+        return {"task": "external", "sandbox": sandbox, "referee": "off", "eval_hidden": sandbox == "on",
+                "pid_namespace": sandbox == "on", "compute_measured": "wall_time", "train_command": "task",
+                "shared": [str(path) for path in shared_paths()] if sandbox == "on" else []}
     return {
         "sandbox": sandbox,
         "referee": referee,
@@ -453,6 +461,7 @@ def is_verified(guards, referee_status):
 
 PIN_HASH_BYTES = 64 << 20
 HOOKS_DIR = ROOT / ".claude" / "hooks"
+TASK_FILE = ROOT / "autoresearch.toml"  # task.TASK_FILE, restated: importing task.py here would cost tomllib
 SETTINGS_FILE = ROOT / ".claude" / "settings.json"
 
 
@@ -507,7 +516,11 @@ def pin_problem(session, data=False):
     large; data="full": every byte) the prepared data no longer match the session's pins, as one line
     naming the way back; None when everything matches."""
     start = session.get("start_commit", "HEAD")[:7]
-    if not PREPARE_FILE.exists() or sha256_file(PREPARE_FILE) != session["prepare_sha256"]:
+    if session.get("task") == "external":  # its task file is its protocol (scripts/task.py); no prepare.py
+        if not TASK_FILE.is_file() or sha256_file(TASK_FILE) != session.get("task_sha256"):
+            return (f"{TASK_FILE.name} no longer matches the hash pinned at setup: the task is fixed for the "
+                    f"session; restore it (git checkout {start} -- {TASK_FILE.name})")
+    elif not PREPARE_FILE.exists() or sha256_file(PREPARE_FILE) != session["prepare_sha256"]:
         return ("prepare.py no longer matches the hash pinned at setup: the protocol is fixed; "
                 f"restore it (git checkout {start} -- prepare.py)")
     pinned = session.get("helper_sha256", {})
@@ -706,13 +719,15 @@ def record_overhead(session, run):
     session["allowance_s"] = allowance_from(session["overheads_s"], budget)
 
 
-def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: None, ranks=1):
+def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: None, ranks=1, task=None):
     """Train once with output in run_dir/run.log and the model saved to run_dir/out/model.pt2, in the
     sandbox when the session allows it, with the compute measured by this helper and capped at the
     budget plus the session's allowance. Returns {status: ok | crash | invalid, val_bpb (what
     train.py printed, None under the sandbox), metrics, failure (triage, or None), exit_code,
     timed_out, interrupted, wall_seconds, compute_seconds, compute_limit_s, clock, protections, sandbox}.
-    ranks > 1: the default command under torchrun, whose processes each pay the start-up on the CPU clock."""
+    ranks > 1: the default command under torchrun, whose processes each pay the start-up on the CPU clock.
+    task (scripts/task.py, an external task): its metric and constraints are read from the log with its
+    patterns, its hidden files are hidden, and a broken constraint makes the run `constraint`."""
     run_dir = Path(run_dir)
     run_log = run_dir / "run.log"
     out = run_dir / OUT_DIR
@@ -722,6 +737,8 @@ def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: Non
     env.update(AUTORESEARCH_SEED=str(seed), PYTHONUNBUFFERED="1", AUTORESEARCH_EXPORT=str(out / MODEL_FILE),
                AUTORESEARCH_PROFILE=str(session.get("profile") or ""),
                AUTORESEARCH_DATASET=str(session.get("dataset") or ""))
+    if task and task.seed_env:
+        env[task.seed_env] = str(seed)
     if guards["compute_measured"] == "cpu_time":
         # Threads waiting for work sleep instead of spinning: a spin burns CPU time, the budget's clock
         # here, and spins longest when the machine is loaded, which would cost steps under load.
@@ -729,14 +746,20 @@ def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: Non
     sandboxed = guards["sandbox"] == "on"
     if sandboxed:  # compiler caches in the sandbox's own /tmp: nothing a run writes reaches the next one
         env.update(TORCHINDUCTOR_CACHE_DIR="/tmp/inductor", TRITON_CACHE_DIR="/tmp/triton")
-    wrapped = training_sandbox(command, out, hide_eval=guards["referee"] == "on") if sandboxed else command
+    wrapped = training_sandbox(command, out, hide_eval=guards["referee"] == "on",
+                               task_hidden=task.hidden_paths() if task else ()) if sandboxed else command
     clock = guards["compute_measured"]
     limit = None if clock == "none" else compute_limit(session, ranks + 1 if ranks > 1 and clock == "cpu_time" else 1)
     run = run_logged(wrapped, run_log, env, timeout, on_start, compute_limit=limit, clock=clock, sandboxed=sandboxed)
     tail = read_tail(run_log)
     finished = run["exit_code"] == 0 and not run["timed_out"] and not run["interrupted"] and not run["over_budget"]
-    metrics = parse_summary(tail) if finished else {}
-    val_bpb = metrics.get("val_bpb") if is_finite_number(metrics.get("val_bpb")) else None
+    if task:  # the metric under its own name, then the constraints, as the task's patterns read them
+        value = task.read_metric(tail) if finished else None
+        metrics = {task.metric_name: value, **task.read_constraints(tail)} if value is not None else {}
+    else:
+        metrics = parse_summary(tail) if finished else {}
+        value = metrics.get("val_bpb") if is_finite_number(metrics.get("val_bpb")) else None
+    val_bpb = value
     status, failure = "ok", None
     tampered = pin_problem(session, data=True)  # without the sandbox, training could have rewritten the referee
     if run["interrupted"]:
@@ -755,9 +778,15 @@ def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: Non
         status, failure = "invalid", {"kind": "causality", "detail": invalid_line(tail), "excerpt": []}
     elif not metrics:
         status, failure = "crash", triage(tail, run["exit_code"], run["timed_out"], timeout)
+        if task and failure["kind"] == "no_summary":
+            failure["detail"] = (f"exit code {run['exit_code']}, no finite number matched the metric's "
+                                 f"pattern ({task.metric_pattern.pattern})")
+    elif task and task.violations(metrics):
+        status, failure = "constraint", {"kind": "constraint", "detail": "; ".join(task.violations(metrics)),
+                                         "excerpt": []}
     elif "val_bpb" in metrics and val_bpb is None and metrics["val_bpb"] != "none":
         status, failure = "crash", {"kind": "fast_fail", "detail": f"val_bpb is {metrics['val_bpb']}", "excerpt": []}
-    return {"status": status, "val_bpb": val_bpb if status == "ok" else None, "metrics": metrics,
+    return {"status": status, "val_bpb": val_bpb if status in ("ok", "constraint") else None, "metrics": metrics,
             "failure": failure, "exit_code": run["exit_code"], "timed_out": run["timed_out"],
             "interrupted": run["interrupted"], "wall_seconds": round(run["seconds"], 3),
             "cpu_seconds": run["cpu_seconds"], "compute_seconds": run["compute_seconds"], "clock": clock,

@@ -23,6 +23,11 @@ Both are recorded, and neither may replace a session that had them on unless --n
 so. The pins: prepare.py, scripts/*.py, .claude/hooks/*, .claude/settings.json, and every file
 of the prepared data (sha256, size, mtime_ns and inode).
 
+With an autoresearch.toml at the root (scripts/task.py) the session researches that external task
+instead: no prepare.py or prepared data is needed, the ledger gets the task's metric and columns,
+the task file is pinned by its sha256, and the referee is off: the task's script scores itself,
+so every result is self-reported. The noise runs run the task's command.
+
 Usage:
     uv run scripts/setup.py [--tag TAG] [--deadline HOURS|ISO-TIME] [--max-experiments N]
                             [--noise-runs N] [--no-sandbox] [--no-referee] [--new-session]
@@ -39,6 +44,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import runner  # noqa: E402
+import task  # noqa: E402
 import tracking  # noqa: E402
 
 MEMORY_FILES = {  # template name -> where setup puts it
@@ -117,16 +123,19 @@ def measure_noise(session, commit, count, command=None, timeout=None):
     result to the session's noise samples and, for the starting commit (the human's code), its
     compute beyond the budget to the overheads that set the allowance.
     Returns (the number of runs that finished, a line about the first that did not, or None)."""
-    manifest = common.require_manifest()
-    timeout = timeout or runner.default_timeout(manifest)
-    command = command or common.training_command()
+    current = task.session_task(session)  # an external task: its command, its timeout
+    if current:
+        timeout, command = timeout or current.timeout, command or list(current.command)
+    else:
+        timeout = timeout or runner.default_timeout(common.require_manifest())
+        command = command or common.training_command()
     finished, problem = 0, None
     for _ in range(count):
         used = {sample["seed"] for sample in session.get("noise_runs") or [] if sample["commit"] == commit}
         seed = runner.next_seed(used, NOISE_SEED_START)
         run_dir = runner.new_run_dir(commit)
         started_at = common.now_iso()
-        run = runner.train_run(run_dir, command, seed, timeout, session)
+        run = runner.train_run(run_dir, command, seed, timeout, session, task=current)
         runner.score_run(run, run_dir, session, timeout)
         runner.delete_saved_models([run_dir])
         common.write_json_atomic(run_dir / "summary.json", {
@@ -216,6 +225,10 @@ def main():
     parser.add_argument("--new-session", action="store_true",
                         help="with --no-sandbox or --no-referee: replace a session that had them on (archived)")
     args = parser.parse_args()
+    current = task.load()  # a bad autoresearch.toml is refused before anything changes
+    if current and args.golf:
+        raise common.Refusal(f"--golf plays parameter golf on this train.py; {task.TASK_FILE.name} describes another "
+                             "task (tasks/parameter-golf.toml for the challenge's own repository)")
     if args.noise_runs < 0:
         raise common.Refusal("--noise-runs must be 0 or more")
     if args.golf and args.no_referee:
@@ -241,26 +254,33 @@ def main():
     if changed:
         raise common.Refusal(f"uncommitted changes to tracked files ({', '.join(changed)}): "
                              "commit or revert them before starting a session")
-    if not common.PREPARE_FILE.exists():
+    if current:
+        untracked = [name for name in current.editable if not common.git("ls-files", "--", name)]
+        if untracked:
+            raise common.Refusal(f"{', '.join(untracked)} (editable in {task.TASK_FILE.name}) is not a tracked file: "
+                                 "git add and commit it first")
+    elif not common.PREPARE_FILE.exists():
         raise common.Refusal(f"{common.PREPARE_FILE.name} is missing: the session pins its hash")
     pending = common.load_pending()
     if pending:
         raise common.Refusal(common.pending_message(pending) + " before starting a new session")
-    manifest = common.require_manifest()
+    manifest = {} if current else common.require_manifest()
     refuse_silent_downgrade(args)
 
     track = tracking.choose(args.track)  # refused here, before anything changes
     archived = archive_previous_session()
     start_commit = common.head_commit()
     common.git("checkout", "-q", "-b", branch)
-    common.ensure_ledger(columns=common.GOLF_LEDGER_COLUMNS if args.golf else common.LEDGER_COLUMNS)
+    columns = current.ledger_columns() if current else (
+        common.GOLF_LEDGER_COLUMNS if args.golf else common.LEDGER_COLUMNS)
+    common.ensure_ledger(columns=columns)
     create_memory_files()
     sandbox = "off" if args.no_sandbox else runner.sandbox_state({})
     session = {
         "tag": args.tag,
         "branch": branch,
         "start_commit": start_commit,
-        "prepare_sha256": common.sha256_file(common.PREPARE_FILE),
+        "prepare_sha256": None if current else common.sha256_file(common.PREPARE_FILE),
         "helper_sha256": runner.helper_hashes(),
         "protocol_sha256": runner.protocol_hashes(),  # .claude/settings.json and .claude/hooks/*
         "data_pins": runner.data_pins(),  # every prepared file: sha256, size, mtime_ns, inode
@@ -282,12 +302,22 @@ def main():
         "noise_runs": [],
         "track": track,  # mlflow, wandb or None
     }
+    if current:  # an external task: its file is the protocol, its script the only judge
+        session.update(data_pins={}, profile=None, dataset=None, referee="off",
+                       time_budget=current.time_budget, task="external", task_name=current.name,
+                       task_sha256=current.sha256, ledger_columns=list(columns),
+                       metric={"name": current.metric_name, "direction": current.direction})
     common.write_json_atomic(common.SESSION_FILE, session)  # its existence means setup completed
     moved = f"; earlier session moved to {archived.relative_to(common.ROOT)}" if archived else ""
     golf = f"; parameter golf: artifacts under {runner.GOLF_LIMIT_BYTES:,} bytes" if args.golf else ""
-    print(f"session {args.tag}: branch {branch} at {start_commit[:7]}, profile {session['profile']}{golf}, "
-          f"dataset {session['dataset']}, budget {session['time_budget']} s{moved}; "
-          'next: uv run scripts/experiment.py "baseline"')
+    if current:
+        print(f"session {args.tag}: branch {branch} at {start_commit[:7]}, task {current.name} "
+              f"({task.TASK_FILE.name}: {current.metric_name}, {current.direction} is better, self-reported: "
+              f"no referee), budget {current.time_budget:g} s{moved}; next: uv run scripts/experiment.py \"baseline\"")
+    else:
+        print(f"session {args.tag}: branch {branch} at {start_commit[:7]}, profile {session['profile']}{golf}, "
+              f"dataset {session['dataset']}, budget {session['time_budget']} s{moved}; "
+              'next: uv run scripts/experiment.py "baseline"')
     if session["sandbox_problem"]:  # said once, here; experiments then run without it
         print(f"sandbox unavailable ({session['sandbox_problem']}): training will run with network access, "
               "a writable repository and the evaluation data in reach; results will not be verified")

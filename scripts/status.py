@@ -3,7 +3,8 @@
 Branch and session, experiments per hour, the best val_bpb with its commit and description,
 minutes since the last improvement, counts by status (invalid: caught by the referee), the
 measured noise, the sandbox and referee, the pending experiment, the session's stop condition,
-and the last five ledger rows.
+and the last five ledger rows. For an external task (autoresearch.toml) it names the task and its metric, and
+says the results are self-reported (the task's script scores itself; there is no referee).
 
 --report is the human's view of the held-out check: for each new best, val_bpb and the test
 split's score of the same model (runs/heldout.json), and how the gap between them moved over the
@@ -96,6 +97,10 @@ def gather():
     return {
         "branch": common.current_branch(),
         "session": session.get("tag"),
+        "task": session.get("task_name") if session.get("task") == "external" else None,
+        "metric": common.metric_name(session),
+        "direction": common.metric_direction(session),
+        "self_reported": session.get("task") == "external" or session.get("referee") == "off",
         "profile": session.get("profile"),
         "dataset": session.get("dataset"),
         "started_at": session.get("started_at"),
@@ -134,13 +139,15 @@ def print_text(status):
     if best:
         since = status["minutes_since_improvement"]
         since = f"; last improvement {since:.0f} min ago" if since is not None else ""
-        print(f"best val_bpb {best['val_bpb']:.6f} ({best['commit']}: {best['description']}), "
+        print(f"best {status['metric']} {best['val_bpb']:.6f} ({best['commit']}: {best['description']}), "
               f"baseline {baseline['val_bpb']:.6f} ({best['val_bpb'] - baseline['val_bpb']:+.6f}){since}")
     counts = ", ".join(f"{name} {count}" for name, count in status["counts"].items())
     spread = status["rerun_spread_bpb"]
     spread = f", re-run spread {spread:.6f}" if spread is not None else ""
     print(f"{counts}; noise {status['noise']}{spread}")
-    guards = [f"referee {status['referee']}"] if status["referee"] else []
+    guards = [f"task {status['task']} (autoresearch.toml: {status['metric']}, {status['direction']} is better, "
+              "self-reported)"] if status["task"] else []
+    guards += [f"referee {status['referee']}"] if status["referee"] else []
     guards += [f"sandbox {status['sandbox']}"] if status["sandbox"] else []
     if status["protections_off"]:
         guards.append(f"last experiment: {', '.join(status['protections_off'])}")

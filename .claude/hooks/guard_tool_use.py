@@ -21,7 +21,9 @@ are split by the standard library's shlex; anything it cannot make simple ($(...
 variables, subshells, heredocs, environment prefixes) is refused, and so is any error here.
 Edit, Write, MultiEdit, NotebookEdit and Codex's apply_patch may change only train.py and the
 memory files (notes.md, REPORT.md, .claude/context/memory/*.md); Read, Grep and Glob may not
-read evaluation data, held-out scores, secrets or whole logs. The memory protocol is checked too:
+read evaluation data, held-out scores, secrets or whole logs. With an autoresearch.toml at the root
+(an external task, scripts/task.py) the task's editable files take train.py's place, and its
+`hidden` files are refused to reading like the evaluation data; the task file itself is protected. The memory protocol is checked too:
 `experiment.py` needs a newest Experiment Log block of kind REASONING, `decide.py keep|discard`
 one of kind ANALYSIS (the baseline is exempt).
 
@@ -50,7 +52,7 @@ MAX_LOG_LINES = 50  # enough to see a traceback's end; a full run.log is thousan
 MAX_CAT_BYTES = 200_000  # train.py is ~25 KB; anything larger is read in parts
 MAX_COMMAND_CHARS = 10_000
 
-EDITABLE = ("train.py", "notes.md", "REPORT.md")
+EDITABLE = ("train.py", "notes.md", "REPORT.md")  # train.py: the built-in task's; an external task names its own
 EDITABLE_FOLDER = ".claude/context/memory"
 HELD_OUT_FILES = ("heldout.json", "referee-test*.log")  # runs/heldout.json, runs/N/referee-test.log
 SECRET_PATTERNS = (
@@ -176,7 +178,8 @@ NETWORK_TOOLS = {"curl", "wget", "aria2c", "http", "https", "httpie", "xh", "ssh
 FILE_WRITERS = {"cp", "mv", "rm", "ln", "truncate", "install", "touch", "chmod", "chown", "rmdir", "unlink", "shred",
                 "tee", "dd", "sed", "mkdir", "patch", "split", "tar", "unzip", "zip", "gzip", "gunzip"}
 STANDALONE = {"setup.py", "experiment.py", "decide.py", "prepare.py"}  # in .claude/settings.json excludedCommands
-PROTECTED_NAMES = {"STOP", "runs", "results.tsv", "run.log", "prepare.py", "scripts", ".claude", "skills", "program.md"}
+PROTECTED_NAMES = {"STOP", "runs", "results.tsv", "run.log", "prepare.py", "scripts", ".claude", "skills", "program.md",
+                   "autoresearch.toml"}
 EDITORS = {"vim", "vi", "nano", "emacs", "ed", "ex", "less", "more", "view", "pico", "joe", "micro"}
 GIT_NETWORK = {"fetch", "pull", "clone", "ls-remote", "remote", "submodule", "request-pull", "send-email", "daemon"}
 GIT_HISTORY = {"commit": REASON_COMMIT, "reset": REASON_RESET, "rebase": REASON_RESET, "merge": REASON_RESET,
@@ -248,6 +251,21 @@ class Context:
         common = load_common(root)  # one copy of the cache layout: the helpers' own
         self.eval_dir = os.path.realpath(str(common.eval_dir()))
         self.eval_files = tuple(common.EVAL_FILES)
+        self.task = load_task(root)  # None: the built-in task
+        self.editable = (*self.task.editable, *EDITABLE[1:]) if self.task else EDITABLE
+
+
+def load_task(root):
+    """The project's external task (scripts/task.py reading autoresearch.toml), or None. A malformed
+    task file raises, and the guard then refuses every call it cannot check."""
+    if not os.path.exists(os.path.join(root, "autoresearch.toml")):
+        return None
+    scripts = os.path.join(root, "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    import task  # the helpers' own reader: one definition of the format
+
+    return task.load()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,14 +288,14 @@ def within(path, folder):
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def is_editable(relative):
-    if relative in EDITABLE:
+def is_editable(relative, ctx):
+    if relative in ctx.editable:
         return True
     folder, name = os.path.split(relative)
     return folder == EDITABLE_FOLDER and name.endswith(".md")
 
 
-def edit_reason(relative):
+def edit_reason(relative, ctx):
     """Why `relative` (a project path, or an outside path) may not be changed, naming what to do instead."""
     if relative == "STOP":
         return "Only the human ends the session by creating STOP: keep experimenting (see program.md, Never stop)."
@@ -286,13 +304,15 @@ def edit_reason(relative):
     elif relative in ("results.tsv", "results.tsv.example", "runs", "run.log") or relative.startswith("runs/"):
         what = f"{relative} is written by the helpers (`uv run scripts/decide.py keep|discard`)"
     elif relative.startswith(("scripts/", ".claude/", "skills/", ".claude-plugin/", ".codex/", ".opencode/",
-                              ".agents/", ".git/")) or relative in ("program.md", "CLAUDE.md", "AGENTS.md"):
+                              ".agents/", ".git/")) or relative in ("program.md", "CLAUDE.md", "AGENTS.md",
+                                                                    "autoresearch.toml"):
         what = f"{relative} belongs to the research org, which the human owns"
     elif relative.startswith("/"):
         what = f"{relative} lies outside the project"
     else:
         what = f"{relative} is not part of the experiment"
-    return f"Only train.py and the memory files (notes.md, .claude/context/memory/*.md, REPORT.md) may be edited: {what}."
+    return (f"Only {', '.join(ctx.editable[:-2])} and the memory files (notes.md, .claude/context/memory/*.md, "
+            f"REPORT.md) may be edited: {what}.")
 
 
 def check_edit(path, ctx):
@@ -303,8 +323,8 @@ def check_edit(path, ctx):
         raise Blocked(REASON_SECRET)
     real = resolve(path, ctx)
     relative = relative_to_project(real, ctx.root)
-    if relative is None or not is_editable(relative):
-        raise Blocked(edit_reason(relative or real))
+    if relative is None or not is_editable(relative, ctx):
+        raise Blocked(edit_reason(relative or real, ctx))
 
 
 def is_log(path):
@@ -337,6 +357,10 @@ def check_read(path, ctx, whole=False):
         if within(real, ctx.eval_dir) or any(name in ctx.eval_files or fnmatch.fnmatch(name, "*_rows.npy")
                                              for name in names):
             raise Blocked(REASON_EVAL)
+        relative = relative_to_project(real, ctx.root)
+        if ctx.task and relative and ctx.task.is_hidden(relative):
+            raise Blocked(f"{relative} is evaluation data of this task (autoresearch.toml's hidden): only evaluation "
+                          "reads it; judge by `uv run scripts/status.py`.")
         if whole and any(is_log(name) for name in names):
             raise Blocked(REASON_LOG)
 
@@ -437,8 +461,8 @@ def check_redirect(operator, target, ctx):
         return
     real = resolve(target, ctx)
     relative = relative_to_project(real, ctx.root)
-    if relative is None or not is_editable(relative):
-        raise Blocked(edit_reason(relative) if relative and not is_editable(relative) else REASON_REDIRECT)
+    if relative is None or not is_editable(relative, ctx):
+        raise Blocked(edit_reason(relative, ctx) if relative and not is_editable(relative, ctx) else REASON_REDIRECT)
 
 
 def parse_options(args, flags, valued):
@@ -537,9 +561,9 @@ def check_simple(argv, ctx):
         for target in args:  # name the protected file it would change, when there is one
             real = resolve(target.split("=")[-1], ctx)
             relative = relative_to_project(real, ctx.root)
-            if relative is not None and not is_editable(relative) and (
+            if relative is not None and not is_editable(relative, ctx) and (
                     os.path.lexists(real) or relative.split("/")[0] in PROTECTED_NAMES):
-                raise Blocked(edit_reason(relative))
+                raise Blocked(edit_reason(relative, ctx))
         raise Blocked("Change files with the Edit tool (only train.py and the memory files); "
                       "the helpers write logs, runs/ and the ledger.")
     if program not in READERS:

@@ -1,0 +1,269 @@
+"""An external task (autoresearch.toml, scripts/task.py): the harness researching a training script
+of the researcher's own, here a stand-in for openai/parameter-golf's train_gpt.py.
+
+Each test builds a real git repository in a temporary folder with a copy of scripts/ and the hooks,
+the stand-in train_gpt.py (pure Python, no torch: it prints the challenge's real log lines, with
+numbers derived from its own hyperparameters, in well under a second) and a task file modelled on
+tasks/parameter-golf.toml, then drives the real helpers through their command lines.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+STANDIN = '''"""Stand-in for parameter golf's train_gpt.py: the challenge's log lines, no training."""
+import os
+
+MODEL_DIM = 512  # width
+LEARNING_RATE = 0.04  # Adam's step
+NUM_LAYERS = 9
+
+seed = int(os.environ.get("SEED", "1"))
+val_bpb = 1.2 + abs(LEARNING_RATE - 0.05) * 10 + (seed % 7) * 1e-5
+size = MODEL_DIM * NUM_LAYERS * 3000
+print(f"step:100/20000 val_loss:2.0 val_bpb:{val_bpb + 0.1:.4f} train_time:10ms step_avg:0.1ms")
+print(f"Serialized model int8+zlib: {size - 50000} bytes")
+print(f"Total submission size int8+zlib: {size} bytes")
+print(f"final_int8_zlib_roundtrip val_loss:2.0 val_bpb:{val_bpb:.8f} eval_time:5ms")
+'''
+
+TASK = '''name = "golf-standin"
+editable = ["train_gpt.py"]
+command = "{python} train_gpt.py"
+time_budget = 5
+timeout = 60
+seed_env = "SEED"
+hidden = ["data/val_*.bin"]
+
+[metric]
+name = "val_bpb"
+pattern = 'final_int8_zlib_roundtrip val_loss:\\S+ val_bpb:(\\S+)'
+direction = "{direction}"
+
+[[constraints]]
+name = "artifact_bytes"
+pattern = 'Total submission size int8\\+zlib: (\\d+) bytes'
+max = 16000000
+
+[[columns]]
+name = "artifact_mb"
+from = "artifact_bytes"
+scale = 1e-6
+'''
+
+
+class Repo:
+    def __init__(self, path):
+        self.path = path
+        self.env = {key: value for key, value in os.environ.items()
+                    if not key.startswith("AUTORESEARCH_") and key != "CLAUDE_PROJECT_DIR"}
+        self.env["AUTORESEARCH_CACHE"] = str(path.parent / "no-cache")  # nothing prepared: none needed
+
+    def run(self, script, *args, timeout=120):
+        return subprocess.run([sys.executable, f"scripts/{script}.py", *args], cwd=self.path, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def git(self, *args):
+        return subprocess.run(["git", *args], cwd=self.path, check=True, capture_output=True, text=True).stdout.strip()
+
+    def edit(self, old, new):
+        path = self.path / "train_gpt.py"
+        text = path.read_text()
+        assert old in text
+        path.write_text(text.replace(old, new, 1))
+
+    def ledger(self):
+        return [line.split("\t") for line in (self.path / "results.tsv").read_text().splitlines()]
+
+    def summary(self, number):
+        (run_dir,) = (self.path / "runs").glob(f"{number}-*")
+        return json.loads((run_dir / "summary.json").read_text())
+
+
+def make_repo(tmp_path, direction="lower", task=None):
+    path = tmp_path / "repo"
+    path.mkdir()
+    shutil.copytree(PROJECT / "scripts", path / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PROJECT / ".claude" / "hooks", path / ".claude" / "hooks",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT / ".gitignore", path)
+    shutil.copytree(PROJECT / "skills" / "ml-experiment-loop" / "templates",
+                    path / "skills" / "ml-experiment-loop" / "templates")
+    (path / "train_gpt.py").write_text(STANDIN)
+    (path / "data").mkdir()
+    (path / "data" / "val_000.bin").write_text("evaluation only\n")
+    (path / "autoresearch.toml").write_text(task or TASK.format(python=sys.executable, direction=direction))
+    for command in (["init", "-q", "-b", "main"], ["config", "user.name", "Test"],
+                    ["config", "user.email", "test@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
+        subprocess.run(["git", *command], cwd=path, check=True, capture_output=True)
+    return Repo(path)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def refused(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+    return result.stderr
+
+
+@pytest.fixture
+def repo(tmp_path):
+    repo = make_repo(tmp_path)
+    setup = ok(repo.run("setup", "--tag", "ext", "--noise-runs", "0"))
+    assert "task golf-standin" in setup and "self-reported" in setup, setup
+    return repo
+
+
+def test_setup_needs_no_prepared_data_and_pins_the_task(repo):
+    session = json.loads((repo.path / "runs" / "session.json").read_text())
+    assert session["task"] == "external" and session["referee"] == "off" and session["time_budget"] == 5
+    assert session["task_sha256"] == __import__("hashlib").sha256((repo.path / "autoresearch.toml").read_bytes()).hexdigest()
+    assert session["metric"] == {"name": "val_bpb", "direction": "lower"}
+    assert repo.ledger() == [["commit", "val_bpb", "artifact_mb", "status", "description"]]
+
+
+def test_experiment_decide_status_on_the_external_task(repo):
+    baseline = ok(repo.run("experiment", "baseline"))
+    assert baseline.startswith("0001 ") and "val_bpb 1.300000" in baseline and "baseline" in baseline, baseline
+    assert "self-reported" in baseline and "artifact_bytes 1.3824e+07" in baseline, baseline
+    summary = repo.summary("0001")
+    assert summary["self_reported"] is True and summary["verified"] is False and summary["referee"] == "off"
+    assert summary["constraints"] == {"artifact_bytes": 13824000.0} and summary["val_bpb"] == pytest.approx(1.3)
+    ok(repo.run("decide", "keep"))
+
+    repo.edit("LEARNING_RATE = 0.04", "LEARNING_RATE = 0.05")  # the stand-in's best: 0.1 lower
+    better = ok(repo.run("experiment", "lr 0.05"))
+    assert "val_bpb 1.200000" in better and ": improved" in better and "decide.py keep" in better, better
+    assert repo.git("show", "--stat", "--format=%s", "HEAD").startswith("experiment: lr 0.05")
+    assert "train_gpt.py" in repo.git("show", "--name-only", "--format=", "HEAD")
+    ok(repo.run("decide", "keep"))
+
+    rows = repo.ledger()[1:]
+    assert [row[3] for row in rows] == ["keep", "keep"]
+    assert rows[1][1] == "1.200000" and rows[1][2] == "13.824000", rows
+
+    status = ok(repo.run("status"))
+    assert "best val_bpb 1.200000" in status and "task golf-standin" in status and "self-reported" in status, status
+    assert "\t".join(rows[1]) in status
+    report = json.loads(ok(repo.run("status", "--json")))
+    assert report["self_reported"] is True and report["best"]["extras"] == {"artifact_mb": 13.824}
+
+
+def test_a_broken_constraint_is_its_own_status_and_never_kept(repo):
+    ok(repo.run("experiment", "baseline"))
+    ok(repo.run("decide", "keep"))
+    repo.edit("MODEL_DIM = 512", "MODEL_DIM = 1024")  # 27,648,000 bytes: over the limit
+    big = repo.run("experiment", "width 1024")
+    assert big.returncode == 1 and big.stdout.startswith("0002 "), big.stdout + big.stderr
+    assert "constraint: artifact_bytes 2.7648e+07 over the max 1.6e+07" in big.stdout, big.stdout
+    assert "self-reported" in big.stdout and "never kept" in big.stdout
+    assert repo.summary("0002")["status"] == "constraint"
+    kept = ok(repo.run("decide", "keep", "--force"))
+    assert "recorded as constraint" in kept, kept
+    assert repo.ledger()[-1][2:4] == ["27.648000", "constraint"]
+    assert "MODEL_DIM = 512" in (repo.path / "train_gpt.py").read_text()  # reset to the kept commit
+    assert "constraint 1" in ok(repo.run("status"))
+
+
+def test_higher_is_better_keeps_a_rise(tmp_path):
+    task = TASK.format(python=sys.executable, direction="higher")
+    repo = make_repo(tmp_path, task=task)
+    ok(repo.run("setup", "--tag", "up", "--noise-runs", "0"))
+    ok(repo.run("experiment", "baseline"))
+    ok(repo.run("decide", "keep"))
+    repo.edit("LEARNING_RATE = 0.04", "LEARNING_RATE = 0.05")  # 0.1 lower: worse when higher is better
+    lower = ok(repo.run("experiment", "lr 0.05"))
+    assert "not improved" in lower, lower
+    refused(repo.run("decide", "keep"), "worse than the best kept")
+    ok(repo.run("decide", "discard"))
+    repo.edit("LEARNING_RATE = 0.04", "LEARNING_RATE = 0.01")  # 0.3 higher
+    higher = ok(repo.run("experiment", "lr 0.01"))
+    assert ": improved" in higher, higher
+    ok(repo.run("decide", "keep"))
+    assert "best val_bpb 1.600000" in ok(repo.run("status"))
+
+
+def test_a_changed_task_file_is_refused_mid_session(repo):
+    ok(repo.run("experiment", "baseline"))
+    ok(repo.run("decide", "keep"))
+    path = repo.path / "autoresearch.toml"
+    path.write_text(path.read_text().replace("max = 16000000", "max = 99000000"))
+    repo.git("commit", "-qam", "loosen the limit")
+    repo.edit("MODEL_DIM = 512", "MODEL_DIM = 1024")
+    refused(repo.run("experiment", "width 1024"), "autoresearch.toml no longer matches the hash pinned at setup")
+
+
+def test_only_the_editable_files_may_change(repo):
+    (repo.path / ".gitignore").write_text((repo.path / ".gitignore").read_text() + "data/\n")
+    refused(repo.run("experiment", "baseline"), "only train_gpt.py may change", ".gitignore")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("name = [", "not valid TOML"),
+    ('editable = ["train_gpt.py"]\ncommand = "x"\ntime_budget = 5\ntimeout = 60\n', "[metric]"),
+    (TASK.replace("direction = \"{direction}\"", 'direction = "sideways"'), "metric.direction"),
+    (TASK.replace("(\\S+)", "\\S+"), "metric.pattern must have exactly one group"),
+    (TASK.replace('editable = ["train_gpt.py"]', 'editable = ["scripts/experiment.py"]'), "editable"),
+    (TASK.replace("timeout = 60", "timeout = 1"), "timeout"),
+    ("surprise = 1\n" + TASK, "surprise"),
+])
+def test_a_malformed_task_file_is_one_line_and_a_non_zero_exit(tmp_path, text, words):
+    repo = make_repo(tmp_path, task=text.replace("{python}", sys.executable).replace("{direction}", "lower"))
+    refused(repo.run("setup", "--tag", "bad", "--noise-runs", "0"), "autoresearch.toml", words)
+    assert not (repo.path / "runs" / "session.json").exists()
+
+
+def test_noise_runs_run_the_tasks_command(tmp_path):
+    repo = make_repo(tmp_path)
+    out = ok(repo.run("setup", "--tag", "noisy", "--noise-runs", "2"))
+    assert "noise 0.0000" in out, out  # the stand-in's seed moves val_bpb by 1e-5
+    session = json.loads((repo.path / "runs" / "session.json").read_text())
+    assert [run["seed"] for run in session["noise_runs"]] == [43, 44] and session["allowance_s"] is not None
+
+
+def guard(repo, tool, tool_input):
+    """The guard hook's reason for refusing the call, or None when it allows it (run as a client runs it)."""
+    payload = {"tool_name": tool, "tool_input": tool_input, "cwd": str(repo.path)}
+    env = dict(repo.env, CLAUDE_PROJECT_DIR=str(repo.path))
+    result = subprocess.run([sys.executable, str(repo.path / ".claude" / "hooks" / "guard_tool_use.py")],
+                            input=json.dumps(payload), capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode in (0, 2), result.stderr
+    return result.stderr.strip() if result.returncode == 2 else None
+
+
+def test_the_guard_follows_the_task(repo):
+    root = repo.path
+    assert guard(repo, "Edit", {"file_path": str(root / "train_gpt.py"), "old_string": "a", "new_string": "b"}) is None
+    assert guard(repo, "Write", {"file_path": str(root / "notes.md"), "content": "x"}) is None
+    reason = guard(repo, "Edit", {"file_path": str(root / "autoresearch.toml"), "old_string": "a", "new_string": "b"})
+    assert reason and "train_gpt.py" in reason, reason
+    assert guard(repo, "Write", {"file_path": str(root / "scripts" / "task.py"), "content": "x"})
+    assert guard(repo, "Write", {"file_path": str(root / "train.py"), "content": "x"})  # not this task's file
+    assert "evaluation" in guard(repo, "Read", {"file_path": str(root / "data" / "val_000.bin")})
+    assert guard(repo, "Bash", {"command": "git checkout -- train_gpt.py"}) is None
+
+
+@pytest.mark.skip(reason="loop.py reads the task in the next commit")
+def test_the_random_loop_runs_on_the_external_task(tmp_path):
+    repo = make_repo(tmp_path)
+    result = repo.run("loop", "start", "--tag", "loop", "--max-experiments", "2", "--noise-runs", "0", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = repo.ledger()
+    assert rows[0] == ["commit", "val_bpb", "artifact_mb", "status", "description"] and len(rows) == 4, rows
+    assert rows[1][3] == "keep" and all(row[3] in ("keep", "discard", "constraint") for row in rows[2:]), rows
+    assert any(name in row[4] for row in rows[2:] for name in ("MODEL_DIM", "LEARNING_RATE", "NUM_LAYERS")), rows
+    report = (repo.path / "REPORT.md").read_text()
+    assert "self-reported" in report and "train_gpt.py" in report, report
