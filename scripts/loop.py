@@ -14,6 +14,10 @@ from the proposer: the built-in random search (no LLM, the offline default) or a
 called once per iteration with a fresh context (claude -p, codex exec, opencode run, or any
 command template). On stopping, for whatever reason, it writes REPORT.md and progress.png.
 
+With an autoresearch.toml at the root (an external task, scripts/task.py) the same loop researches
+that task: no data is prepared, proposals edit the task's editable files (the random search
+perturbs the first one's UPPER_CASE settings), and the report says the results are self-reported.
+
 Everything it writes lies in this worktree (runs/loop/, notes.md, REPORT.md, progress.png, the
 branch), so several loops in several git worktrees share only the read-only prepared data.
 
@@ -41,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import runner  # noqa: E402
 import proposers  # noqa: E402
+import task  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Paths: all inside this worktree (one loop per worktree; lanes never share a file)
@@ -75,6 +80,12 @@ SETUP_FLAGS = ("noise_runs", "no_referee", "no_sandbox", "track")  # fixed by th
 
 class Fatal(Exception):
     """The loop cannot go on (the baseline crashed, a helper refused): stop with this reason."""
+
+
+def editable_files():
+    """The files a proposal may change: train.py, or an external task's editable files."""
+    current = task.load()
+    return current.editable if current else ("train.py",)
 
 
 def rel(path):
@@ -244,7 +255,7 @@ class Loop:
 
     def stage_setup(self):
         state = self.state
-        if common.load_manifest() is None:
+        if common.load_manifest() is None and task.load() is None:  # an external task brings its own data
             self.prepare_data()
         session = common.load_session()
         if not (session and session.get("branch") == state["branch"]):
@@ -342,12 +353,14 @@ class Loop:
         return self.propose_with_agent(None)
 
     def propose_random(self):
-        state, manifest = self.state, common.require_manifest()
-        proposal = proposers.random_proposal(common.TRAIN_FILE.read_text(), manifest.get("profile"),
+        state, path = self.state, editable_files()[0]
+        manifest = {} if task.load() else common.require_manifest()
+        proposal = proposers.random_proposal((common.ROOT / path).read_text(), manifest.get("profile"),
                                              manifest.get("max_seq_len"), self.options["seed"], state["iteration"],
-                                             state.setdefault("tried", []))
+                                             state.setdefault("tried", []), path=path)
         if proposal is None:
-            raise Fatal("the random proposer found no untried setting to perturb in train.py's hyperparameter block")
+            raise Fatal(f"the random proposer found no untried setting to perturb in {path}'s hyperparameter block "
+                        "(UPPER_CASE = number lines at the top level)")
         state["tried"].append(proposal["key"])
         state["current"]["proposal"] = proposal
         return "apply"
@@ -378,7 +391,8 @@ class Loop:
         """The crashed train.py back in place, and the agent asked to fix the bug, not the idea."""
         current = self.state["current"]
         crashed = current["runs"][-1]
-        common.TRAIN_FILE.write_text(common.git("show", f"{crashed['commit']}:train.py") + "\n")
+        for path in editable_files():
+            (common.ROOT / path).write_text(common.git("show", f"{crashed['commit']}:{path}") + "\n")
         answer, error = self.call_agent("repair", crash=crashed)
         if error:
             return self.not_run("agent_error", error)
@@ -413,21 +427,24 @@ class Loop:
 
     def stage_validate(self):
         current, session = self.state["current"], common.require_session()
-        changed = common.changed_tracked_files()
-        problems = []
-        others = [path for path in changed if path != "train.py"]
+        changed, editable = common.changed_tracked_files(), editable_files()
+        problems, allowed = [], " and ".join(editable)
+        others = [path for path in changed if path not in editable]
         if others:
-            problems.append(f"it changed {', '.join(others)}: only train.py may change")
+            problems.append(f"it changed {', '.join(others)}: only {allowed} may change")
         created = sorted(set(new_untracked_files(current)) | set(current["proposal"].get("new_files") or []))
         if created:
-            problems.append(f"it created {', '.join(created)}: only train.py may change")
-        if not common.PREPARE_FILE.exists() or common.sha256_file(common.PREPARE_FILE) != session["prepare_sha256"]:
+            problems.append(f"it created {', '.join(created)}: only {allowed} may change")
+        if session.get("task") == "external":  # its pin is autoresearch.toml's; experiment.py checks the rest
+            if runner.pin_problem(session):
+                problems.append(runner.pin_problem(session))
+        elif not common.PREPARE_FILE.exists() or common.sha256_file(common.PREPARE_FILE) != session["prepare_sha256"]:
             problems.append("prepare.py no longer matches the hash pinned at setup")
         installed = [name for call in current["agent_calls"] for name in call.get("installed") or []]
         if installed and not self.options["allow_install"]:
             problems.append(f"packages were installed without --allow-install: {', '.join(installed)}")
-        if "train.py" not in changed and not problems:
-            problems.append("train.py is unchanged: there is nothing to test")
+        if not set(editable) & set(changed) and not problems:
+            problems.append(f"{allowed} unchanged: there is nothing to test")
         return self.not_run("rejected", "; ".join(problems)) if problems else "commit"
 
     # -- commit, train, triage, record, decide ------------------------------------------------
@@ -570,7 +587,7 @@ class Loop:
     def stage_stop_check(self):
         state, current = self.state, self.state["current"]
         if state["iteration"] > 0:
-            failed = current["outcome"] not in ("keep", "discard")
+            failed = current["outcome"] not in ("keep", "discard", common.CONSTRAINT_STATUS)  # a result, if unkeepable
             state["failures_in_a_row"] = state.get("failures_in_a_row", 0) + 1 if failed else 0
         reason = limit_reached(state, common.read_ledger())
         self.new_iteration(state["iteration"] + 1)
@@ -757,8 +774,8 @@ def analysis_lines(current):
                 "- lesson: the idea needs a working implementation before it can be judged"]
     delta = run.get("delta_vs_best")
     against = f"best {run['best_before']:.6f}, delta {delta:+.6f}" if delta is not None else "baseline"
-    better = delta is None or delta < 0
-    return [f"- result: val_bpb {run['val_bpb']:.6f} ({against}), {run.get('memory_gb') or 0:.1f} GB, "
+    better = delta is None or common.beats(delta, 0)
+    return [f"- result: {common.metric_name()} {run['val_bpb']:.6f} ({against}), {run.get('memory_gb') or 0:.1f} GB, "
             f"{run['decision']} (run {run['id']} {run['commit'][:7]})",
             f"- vs expected: {'better than the best' if better else 'no gain over the best'}",
             f"- why: {run['verdict']}",
@@ -827,16 +844,21 @@ def write_report(state):
     records = iteration_records()
     totals = agent_totals(records)
     hours = hours_since(state.get("started_at"))
+    metric, external = common.metric_name(), task.load()
     lines = [f"# autoresearch report: {state['tag']} ({state['branch']})", "",
              f"Stopped: {state.get('stop_reason') or 'still running'} ({common.now_iso()}).", ""]
+    if external:
+        lines += [f"Task {external.name} (autoresearch.toml, editing {', '.join(external.editable)}): {metric}, "
+                  f"{external.direction} is better, read from each run's log. Every result is self-reported: the "
+                  "task's script scores itself, with no referee.", ""]
     lines += ["## Result", ""]
     if baseline and best:
         delta = best.val_bpb - baseline.val_bpb
-        lines += ["| | commit | val_bpb | description |", "| --- | --- | --- | --- |",
+        lines += [f"| | commit | {metric} | description |", "| --- | --- | --- | --- |",
                   f"| baseline | {baseline.commit} | {baseline.val_bpb:.6f} | {baseline.description} |",
                   f"| best | {best.commit} | {best.val_bpb:.6f} | {best.description} |", "",
-                  f"Best against baseline: {delta:+.6f} val_bpb ({100 * delta / baseline.val_bpb:+.2f} %).", ""]
-        diff = common.git("diff", baseline.commit, best.commit, "--", "train.py", check=False)
+                  f"Best against baseline: {delta:+.6f} {metric} ({100 * delta / baseline.val_bpb:+.2f} %).", ""]
+        diff = common.git("diff", baseline.commit, best.commit, "--", *editable_files(), check=False)
         lines += ["## Diff from baseline to best", "", "```diff", diff or "(none: the baseline is the best)", "```", ""]
     else:
         lines += ["No result yet: the baseline has not been recorded.", ""]

@@ -7,7 +7,9 @@ Used by scripts/loop.py; nothing here touches the ledger, the branch or the loop
   `patch` (a unified diff of train.py); `hypothesis` is optional.
 - The random proposer: one setting of train.py's hyperparameter block, perturbed within sane
   bounds (multiplicative for rates and sizes, additive for fractions), reproducible from a seed.
-  It needs no LLM: the offline default, and an honest baseline for an agent's search.
+  It needs no LLM: the offline default, and an honest baseline for an agent's search. For an
+  external task (autoresearch.toml) it perturbs the numeric UPPER_CASE settings at the top level of
+  the task's first editable file, each by a factor.
 - Agent CLIs: `claude -p`, `codex exec`, `opencode run`, or any command template. Each gets one
   prompt (build_prompt: the task, the rules of a headless iteration, the state, notes.md, PLAN.md,
   program.md and the loop skill), edits train.py, and ends its answer with a JSON object
@@ -159,9 +161,20 @@ def format_number(number, original_text):
     return text if any(c in text for c in ".e") else text + ".0"
 
 
-def perturb(name, value, rng):
+def generic_space(active):
+    """The search space of a script of the researcher's own, whose settings we know nothing about:
+    every positive numeric UPPER_CASE setting moves by a factor (integers stay integers, at least 1),
+    within two orders of magnitude; zero and negative ones are left alone."""
+    space = {}
+    for name, (_, value) in active.items():
+        if value > 0:
+            space[name] = ("integer", 1, max(2, value * 16)) if isinstance(value, int) else ("factor", value / 100, value * 100)
+    return space
+
+
+def perturb(name, value, rng, space=SEARCH_SPACE):
     """A new value for one setting, within its bounds, or None when it cannot move that way."""
-    kind, low, high = SEARCH_SPACE[name]
+    kind, low, high = space[name]
     if kind == "power_of_two":
         new = int(value * 2) if rng.random() < 0.5 else int(value // 2)
     elif kind == "integer":
@@ -186,13 +199,15 @@ def consistent(settings, max_seq_len):
     return settings.get("WARMUP_RATIO", 0) + settings.get("WARMDOWN_RATIO", 0) <= 1
 
 
-def random_proposal(train_text, profile, max_seq_len, seed, iteration, tried=()):
+def random_proposal(train_text, profile, max_seq_len, seed, iteration, tried=(), path="train.py"):
     """One perturbed setting as a proposal {description, hypothesis, patch, key}, or None.
 
     The draw depends only on (seed, iteration, train.py), so a resumed loop proposes the same
-    thing again; `tried` holds the keys of earlier proposals, which are not repeated."""
+    thing again; `tried` holds the keys of earlier proposals, which are not repeated. `path`: the
+    file the text is (an external task's first editable file gets generic_space)."""
     active = active_assignments(train_text, profile)
-    names = [name for name in SEARCH_SPACE if name in active]
+    space = SEARCH_SPACE if path == "train.py" else generic_space(active)
+    names = [name for name in space if name in active]
     if not names:
         return None
     rng = random.Random(f"{seed}:{iteration}")
@@ -201,7 +216,7 @@ def random_proposal(train_text, profile, max_seq_len, seed, iteration, tried=())
     for _ in range(DRAWS):
         name = rng.choice(names)
         index, value = active[name]
-        new = perturb(name, value, rng)
+        new = perturb(name, value, rng, space)
         if new is None or not consistent(dict(settings, **{name: new}), max_seq_len):
             continue
         match = ASSIGNMENT.match(lines[index].rstrip("\n"))
@@ -223,7 +238,7 @@ def random_proposal(train_text, profile, max_seq_len, seed, iteration, tried=())
             "source": "random", "key": key, "description": f"{name} {old_text} -> {text}",
             "hypothesis": f"{change} {name} from {old_text} to {text} (random search, seed {seed}, "
                           f"iteration {iteration}): a neighbour of the best config may train better",
-            "patch": "".join(difflib.unified_diff(lines, lines_after, "a/train.py", "b/train.py")),
+            "patch": "".join(difflib.unified_diff(lines, lines_after, f"a/{path}", f"b/{path}")),
         }
     return None
 
@@ -422,6 +437,11 @@ def compact_notes(text):
 def build_prompt(state, kind, instructions=None, crash=None):
     """One self-contained prompt: the task, the headless contract, the state, the notes, the policy."""
     options, current = state["options"], state["current"]
+    import task as task_file  # an external task (autoresearch.toml) names its own files and metric
+
+    external = task_file.load()
+    files = " and ".join(external.editable) if external else "train.py"
+    metric = external.metric_name if external else "val_bpb"
     rows = common.read_ledger()
     best, baseline = common.best_kept(rows), common.baseline_row(rows)
     plan_first = IDEA_FILE.exists() and not PLAN_FILE.exists()
@@ -430,14 +450,14 @@ def build_prompt(state, kind, instructions=None, crash=None):
         task = [f"Experiment {current['number']:04d} (\"{current['proposal']['description']}\") crashed: "
                 f"{crash['triage']}: {crash['detail']}",
                 *crash.get("excerpt", []),
-                f"The end of its log is in {crash['run_dir']}/run.log (read at most 50 lines). train.py is back as "
+                f"The end of its log is in {crash['run_dir']}/run.log (read at most 50 lines). {files} is back as "
                 "it was when it crashed. Fix the trivial bug (a typo, a shape error) without changing the idea, "
                 "and answer with the same JSON object (hypothesis: what you fixed)."]
     else:
-        task = ["Choose ONE experiment and make it by editing train.py: the most promising next idea given "
+        task = [f"Choose ONE experiment and make it by editing {files}: the most promising next idea given "
                 "the state and notes below. One hypothesis, the smallest change that tests it."]
         if instructions:
-            task = [f"The human queued this experiment for you; make it by editing train.py:\n\n{instructions}"]
+            task = [f"The human queued this experiment for you; make it by editing {files}:\n\n{instructions}"]
         if plan_first:
             task.append("IDEA.md (below) is the research direction. First write a short research plan from it "
                         "and return it in the JSON answer under \"plan\" (the loop saves it as PLAN.md); then make "
@@ -450,20 +470,25 @@ def build_prompt(state, kind, instructions=None, crash=None):
     contract = [
         f"- You are one iteration ({current['number']:04d}) of an unattended loop (scripts/loop.py), called "
         "with a fresh context; nobody will answer questions.",
-        "- Edit train.py only (you may also update notes.md). A proposal that changes any other file is "
+        f"- Edit {files} only (you may also update notes.md). A proposal that changes any other file is "
         "rejected and reset.",
         "- Do not run training, scripts/experiment.py, scripts/decide.py or git: after your answer the loop "
-        "commits train.py, trains it for the fixed budget, records the result and keeps or discards it.",
+        f"commits {files}, trains it for the fixed budget, records the result and keeps or discards it.",
         f"- {install}",
         f"- Finish within {options['max_turns']} turns. End your reply with one JSON object on its own line:",
         f"  {answer}",
     ]
+    if external:
+        contract.append(f"- The task is autoresearch.toml's {external.name}: the result is {metric} ({external.direction} "
+                        f"is better), read from the run's log by its pattern and self-reported by the script "
+                        f"(no referee); a run that breaks a constraint "
+                        f"({', '.join(c.name for c in external.constraints) or 'none'}) is never kept.")
     columns = common.ledger_columns()
     recent = "\n".join(common.format_row(row, columns).rstrip("\n") for row in rows[-10:]) or "(no rows yet)"
     status = [f"- session {state['tag']} on {state['branch']}, profile {(common.load_session() or {}).get('profile')}, "
               f"training budget {(common.load_session() or {}).get('time_budget')} s",
-              f"- baseline: {baseline.val_bpb:.6f} ({baseline.commit})" if baseline else "- baseline: not run yet",
-              f"- best kept: {best.val_bpb:.6f} ({best.commit}: {best.description})" if best else "- best: -",
+              f"- baseline: {metric} {baseline.val_bpb:.6f} ({baseline.commit})" if baseline else "- baseline: not run yet",
+              f"- best kept: {metric} {best.val_bpb:.6f} ({best.commit}: {best.description})" if best else "- best: -",
               f"- experiments so far: {max(0, len(common.experiments(rows)) - 1)}",
               "", f"Last ledger rows ({', '.join(columns)}):", "", recent]
     parts = ["# autoresearch: one headless iteration", "", section("Task", "\n".join(task)),
@@ -475,7 +500,7 @@ def build_prompt(state, kind, instructions=None, crash=None):
     if notes.strip():
         parts.append(section("notes.md (your notes from earlier iterations)", compact_notes(notes)))
     preface = ("Written for an interactive session. Here the loop runs setup, experiment, decide and the "
-               "stopping rules for you: your part is the idea and the edit to train.py.\n\n")
+               f"stopping rules for you: your part is the idea and the edit to {files}.\n\n")
     for title, path in (("program.md (the research org's policy)", PROGRAM_FILE),
                         ("The ml-experiment-loop skill (the method)", SKILL_FILE)):
         if read_text(path).strip():

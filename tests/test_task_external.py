@@ -256,7 +256,6 @@ def test_the_guard_follows_the_task(repo):
     assert guard(repo, "Bash", {"command": "git checkout -- train_gpt.py"}) is None
 
 
-@pytest.mark.skip(reason="loop.py reads the task in the next commit")
 def test_the_random_loop_runs_on_the_external_task(tmp_path):
     repo = make_repo(tmp_path)
     result = repo.run("loop", "start", "--tag", "loop", "--max-experiments", "2", "--noise-runs", "0", timeout=300)
