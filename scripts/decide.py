@@ -36,6 +36,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import dispatch  # noqa: E402  (stdlib only; a cluster's client is imported when a job is cancelled)
 import runner  # noqa: E402
 import tracking  # noqa: E402
 
@@ -66,6 +67,10 @@ def close_interrupted(pending):
     same_machine = pending.get("host") == os.uname().nodename and pending.get("boot_id") == common.boot_id()
     if pgid and same_machine and runner.process_group_alive(pgid):
         runner.stop_process_group(pgid)
+    if dispatch.jobs_dir(common.ROOT).is_dir():
+        # A cluster run (lanes with SLURM or Ray) goes on without the killed dispatch.py that watched
+        # it; nothing else in this worktree runs now, so every job still in flight is that run's.
+        dispatch.cancel_in_flight(common.ROOT, reason="its experiment was interrupted")
     commit = pending.get("commit")
     if commit is None:
         head = common.head_commit()

@@ -16,7 +16,7 @@ import pytest
 
 from lanes_repo import FAKE_LOOP, FAKE_TRAIN, RAY_ADDRESS, LanesRepo, overlapping, pid_gone, ray_up, require_cluster, wait_for
 
-PASS_THROUGH = ["--env", "FAKE_TRACE", "--env", "FAKE_SECONDS", "--env", "FAKE_HANG"]
+PASS_THROUGH = ["--env", "FAKE_TRACE", "--env", "FAKE_SECONDS", "--env", "FAKE_LATER_SECONDS", "--env", "FAKE_HANG"]
 
 
 HOW = "bash scripts/cluster/ray_local.sh up; export RAY_ADDRESS=http://127.0.0.1:8265"
@@ -137,7 +137,7 @@ def test_a_hung_run_is_stopped_at_the_experiment_timeout(repo, client):
 
 
 def test_kill_9_of_the_loop_then_resume_submits_nothing_twice(repo, client):
-    repo.env["FAKE_SECONDS"] = "4"
+    repo.env.update(FAKE_SECONDS="4", FAKE_LATER_SECONDS="300")  # the job orphaned below ends only if cancelled
     repo.lanes("start", "1", "--backend", "ray", "--tag", "k", "--train-command", FAKE_TRAIN, *PASS_THROUGH,
                "--", *FAKE_LOOP, "--max-experiments", "1", "--timeout", "240")
     (lane,) = repo.lane_paths("k")
@@ -160,5 +160,8 @@ def test_kill_9_of_the_loop_then_resume_submits_nothing_twice(repo, client):
     rows, records = repo.rows(lane), repo.assert_one_job_per_run(lane)
     assert len(rows) == 2 and rows[1][3] == "crash", rows  # recorded as interrupted, not lost
     assert len(records) == len(our_jobs(client, repo))  # the engine saw exactly the jobs recorded
-    assert not active(our_jobs(client, repo))
+    # resume's decide.py cancelled the orphaned job (Ray stops a job asynchronously)
+    assert [record["reason"] for record in records if record["state"] == "cancelled"] == \
+        ["its experiment was interrupted"], records
+    assert wait_for(lambda: not active(our_jobs(client, repo)), timeout=30), our_jobs(client, repo)
     assert not overlapping([run for run in repo.traces() if run["event"] == "run"])
