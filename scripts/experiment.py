@@ -244,7 +244,8 @@ def console_lines(summary):
     size = summary.get("artifact_bytes")
     artifact = f" artifact {size / 1e6:.3f} MB" if isinstance(size, int) else ""
     memory = f" mem {summary['memory_gb']:.1f} GB" if summary.get("task") is None else "".join(
-        f" {name} {value:g}" for name, value in (summary.get("constraints") or {}).items() if value is not None)
+        f" {name} {task.format_value(value)}" for name, value in (summary.get("constraints") or {}).items()
+        if value is not None)
     line = (f"{number} {commit} {metric} {summary['val_bpb']:.6f}{runs} ({against}){memory}"
             f"{artifact} {clock} {seconds:.1f} s: {summary['verdict']}{unverified}{lowered} (next: {step})")
     return [ascii_line(line, CONSOLE_LIMIT_BYTES - 1)]

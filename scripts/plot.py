@@ -5,7 +5,9 @@ by the running-best step line and the new bests are labelled with their descript
 baseline is a star; crashes and invalid results are left out (they have no trusted val_bpb) but
 counted in the title.
 Discarded runs far above the kept ones (a diverged run) are drawn as triangles at the top edge,
-so that one outlier does not squash the interesting part of the curve.
+so that one outlier does not squash the interesting part of the curve. For an external task
+(autoresearch.toml) the axis is its metric; where higher is better the axis is turned upside down,
+so that better is still down and the picture reads the same.
 
 Usage:
     uv run scripts/plot.py [--output PATH]
@@ -26,12 +28,13 @@ def shorten(text, limit=LABEL_CHARACTERS):
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def y_limits(kept, discarded):
-    """Zoom on the kept values, with room above them for discards up to half their span worse."""
-    values = [row.val_bpb for row in kept + discarded]
-    high = max(row.val_bpb for row in (kept or discarded))
+def y_limits(kept, discarded, sign=1):
+    """Zoom on the kept values, with room for discards up to half their span worse. sign -1 (higher
+    is better): the same on the negated values, so the limits come back as (best edge, worst edge)."""
+    values = [sign * row.val_bpb for row in kept + discarded]
+    high = max(sign * row.val_bpb for row in (kept or discarded))
     span = max(high - min(values), abs(high) * 0.01, 1e-3)
-    return min(values) - 0.05 * span, high + 0.5 * span
+    return sign * (min(values) - 0.05 * span), sign * (high + 0.5 * span)
 
 
 def draw(rows, title_tag, output):
@@ -47,10 +50,12 @@ def draw(rows, title_tag, output):
     crashed = sum(row.status == "crash" for row in runs)
     invalid = sum(row.status == "invalid" for row in runs)
     fig, ax = plt.subplots(figsize=(12, 6), dpi=120)
+    direction, metric = common.metric_direction(), common.metric_name()
+    sign = -1 if direction == "higher" else 1
     if kept or discarded:
-        bottom, top = y_limits(kept, discarded)
-        inside = [row for row in discarded if row.val_bpb <= top]
-        above = [row for row in discarded if row.val_bpb > top]
+        bottom, top = y_limits(kept, discarded, sign)  # top: the worst edge (below the bottom when higher is better)
+        inside = [row for row in discarded if sign * row.val_bpb <= sign * top]
+        above = [row for row in discarded if sign * row.val_bpb > sign * top]
         ax.scatter([position[id(r)] for r in inside], [r.val_bpb for r in inside], s=14, color="0.55",
                    alpha=0.35, label=f"discarded ({len(discarded)})")
         if above:
@@ -58,9 +63,9 @@ def draw(rows, title_tag, output):
                        alpha=0.35, clip_on=False, label=f"discarded, off the top ({len(above)})")
         ax.scatter([position[id(r)] for r in kept], [r.val_bpb for r in kept], s=30, color="tab:green",
                    zorder=3, label=f"kept ({len(kept)})")
-        new_bests, running = [], float("inf")
+        new_bests, running = [], None
         for row in kept:
-            if row.val_bpb < running:
+            if running is None or common.beats(row.val_bpb, running, direction):
                 running = row.val_bpb
                 new_bests.append(row)
         if new_bests:
@@ -74,11 +79,12 @@ def draw(rows, title_tag, output):
             ax.scatter([position[id(baseline)]], [baseline.val_bpb], marker="*", s=180, color="tab:blue",
                        zorder=4, label=f"baseline {baseline.val_bpb:.6f}")
             ax.axhline(baseline.val_bpb, color="tab:blue", linewidth=0.8, linestyle=":", alpha=0.6)
-        ax.set_ylim(bottom, top)
+        ax.set_ylim(bottom, top)  # with sign -1 bottom > top: matplotlib turns the axis over
         ax.legend(loc="upper right", fontsize=8)
     ax.set_xlim(0.5, max(len(runs), 1) + 0.5)
     ax.set_xlabel("experiment")
-    ax.set_ylabel("val_bpb (lower is better)")
+    external = (common.load_session() or {}).get("task") == "external"
+    ax.set_ylabel(f"{metric} ({direction} is better{', self-reported' if external else ''})")
     ax.grid(alpha=0.25)
     best = common.best_ever(rows)
     best_text = f"; best {best.val_bpb:.6f}" if best else ""

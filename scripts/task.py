@@ -78,9 +78,9 @@ class Constraint(NamedTuple):
         if value is None:
             return f"{self.name} not found in the log"
         if self.max is not None and value > self.max:
-            return f"{self.name} {value:g} over the max {self.max:g}"
+            return f"{self.name} {format_value(value)} over the max {format_value(self.max)}"
         if self.min is not None and value < self.min:
-            return f"{self.name} {value:g} under the min {self.min:g}"
+            return f"{self.name} {format_value(value)} under the min {format_value(self.min)}"
         return None
 
 
@@ -141,6 +141,11 @@ class Task(NamedTuple):
 def is_protected(relative):
     """Whether a repository path (posix, relative) is one the agent may never edit."""
     return any(relative == item.rstrip("/") or (item.endswith("/") and relative.startswith(item)) for item in PROTECTED)
+
+
+def format_value(value):
+    """A number read from a log, as a person reads it: 16,000,000 rather than 1.6e+07."""
+    return f"{int(value):,}" if float(value).is_integer() and abs(value) < 1e18 else f"{value:g}"
 
 
 def last_number(pattern, text):

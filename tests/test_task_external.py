@@ -138,7 +138,7 @@ def test_setup_needs_no_prepared_data_and_pins_the_task(repo):
 def test_experiment_decide_status_on_the_external_task(repo):
     baseline = ok(repo.run("experiment", "baseline"))
     assert baseline.startswith("0001 ") and "val_bpb 1.300000" in baseline and "baseline" in baseline, baseline
-    assert "self-reported" in baseline and "artifact_bytes 1.3824e+07" in baseline, baseline
+    assert "self-reported" in baseline and "artifact_bytes 13,824,000" in baseline, baseline
     summary = repo.summary("0001")
     assert summary["self_reported"] is True and summary["verified"] is False and summary["referee"] == "off"
     assert summary["constraints"] == {"artifact_bytes": 13824000.0} and summary["val_bpb"] == pytest.approx(1.3)
@@ -168,7 +168,7 @@ def test_a_broken_constraint_is_its_own_status_and_never_kept(repo):
     repo.edit("MODEL_DIM = 512", "MODEL_DIM = 1024")  # 27,648,000 bytes: over the limit
     big = repo.run("experiment", "width 1024")
     assert big.returncode == 1 and big.stdout.startswith("0002 "), big.stdout + big.stderr
-    assert "constraint: artifact_bytes 2.7648e+07 over the max 1.6e+07" in big.stdout, big.stdout
+    assert "constraint: artifact_bytes 27,648,000 over the max 16,000,000" in big.stdout, big.stdout
     assert "self-reported" in big.stdout and "never kept" in big.stdout
     assert repo.summary("0002")["status"] == "constraint"
     kept = ok(repo.run("decide", "keep", "--force"))
@@ -266,3 +266,19 @@ def test_the_random_loop_runs_on_the_external_task(tmp_path):
     assert any(name in row[4] for row in rows[2:] for name in ("MODEL_DIM", "LEARNING_RATE", "NUM_LAYERS")), rows
     report = (repo.path / "REPORT.md").read_text()
     assert "self-reported" in report and "train_gpt.py" in report, report
+
+
+def test_the_shipped_task_files_read_the_challenges_log_lines():
+    sys.path.insert(0, str(PROJECT / "scripts"))
+    import task
+    golf = task.load(PROJECT / "tasks" / "parameter-golf.toml")
+    log = ("step:200/20000 val_loss:2.1 val_bpb:1.3 train_time:1ms step_avg:1ms\n"
+           "Total submission size int8+zlib: 15834567 bytes\n"
+           "final_int8_zlib_roundtrip val_loss:2.0512 val_bpb:1.2244 eval_time:12345ms\n"
+           "final_int8_zlib_roundtrip_exact val_loss:2.05123456 val_bpb:1.22441234\n")
+    assert golf.read_metric(log) == 1.22441234 and golf.direction == "lower" and golf.timeout == 900
+    assert golf.violations(golf.read_constraints(log)) == [] and "torchrun --standalone --nproc_per_node=8" in golf.command[2]
+    assert golf.violations({"artifact_bytes": 16_000_000.0}) == ["artifact_bytes 16,000,000 over the max 15,999,999"]
+    assert golf.ledger_columns() == ("commit", "val_bpb", "artifact_mb", "status", "description")
+    single = task.load(PROJECT / "tasks" / "single-script.toml")
+    assert single.read_metric("step 1\nval_loss: 3.25\nval_loss: 3.125\n") == 3.125
