@@ -57,9 +57,10 @@ def test_two_ranks_print_one_summary_block_within_the_noise_of_one_process(cache
     assert two["world_size"] == "2" and "world_size" not in one
     assert two["clock"] == "cpu_time" and float(two["training_seconds"]) >= 20.0
     # Measured on this 2-core machine under load (20 CPU s): one process 2.212 and 2.204 (16 steps),
-    # two ranks 2.253 (15 steps) and 2.210 (16). The tolerance is one step's worth and a half.
-    assert abs(float(two["val_bpb"]) - float(one["val_bpb"])) < 0.06, (one["val_bpb"], two["val_bpb"])
-    assert abs(int(two["num_steps"]) - int(one["num_steps"])) <= 2
+    # two ranks 2.253 (15 steps) and 2.210 (16); in one CI run 2.375 and 2.299. The step counts may
+    # differ by two, a step is worth about 0.04 here: the tolerance is those two steps and a half.
+    assert abs(int(two["num_steps"]) - int(one["num_steps"])) <= 2, (one["num_steps"], two["num_steps"])
+    assert abs(float(two["val_bpb"]) - float(one["val_bpb"])) < 0.1, (one["val_bpb"], two["val_bpb"])
 
 
 def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(builtin_cache, tmp_path):
