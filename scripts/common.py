@@ -55,6 +55,7 @@ PREPARE_COMMAND = "uv run prepare.py"
 BRANCH_PREFIX = "autoresearch/"  # a session's branch is autoresearch/<tag>, as upstream names it
 # prepare.py's DEFAULT_SEED, restated (importing prepare.py costs torch): train.py's seed without AUTORESEARCH_SEED
 DEFAULT_SEED = 42
+CPU_PROFILES = ("cpu", "golf-cpu")  # prepare.py's, restated: profiles whose budget is CPU seconds
 PREPARE_COMMAND_OFFLINE = "uv run prepare.py --dataset builtin"
 
 

@@ -279,6 +279,7 @@ def run_experiment(args):
     session = common.require_session()
     changed, manifest = check_preconditions(session)
     current = task.session_task(session)
+    args.gpus = gpus_of(args, manifest, current)
     rows = common.read_ledger()  # a corrupt ledger is refused now, not after an hour of training
     timeout = args.timeout or (current.timeout if current else runner.default_timeout(manifest))
     seed = args.seed if args.seed is not None else int(os.environ.get("AUTORESEARCH_SEED", common.DEFAULT_SEED))
@@ -372,6 +373,15 @@ def run_experiment(args):
     return finish(summary, pending, run_dir)
 
 
+def gpus_of(args, manifest, current):
+    """--gpus, else the profile's GPU count (golf: 8, the challenge's) for train.py's own default
+    command, else 1: a custom command or an external task launches its own processes."""
+    if args.gpus is not None:
+        return args.gpus
+    custom = args.train_command or os.environ.get("AUTORESEARCH_TRAIN_COMMAND") or current is not None
+    return 1 if custom else int((manifest or {}).get("gpus", 1))
+
+
 def experiment_command(args, current):
     """The command that runs one experiment: --train-command, else an external task's own command,
     else common.training_command (train.py, under torchrun with --gpus N)."""
@@ -412,6 +422,7 @@ def confirm(args):
                              f"{commit[:7]}: git checkout it, or discard")
     rows = common.read_ledger()
     external = task.session_task(session)
+    args.gpus = gpus_of(args, manifest, external)
     timeout = args.timeout or (external.timeout if external else runner.default_timeout(manifest))
     seed = runner.next_seed({sample["seed"] for sample in summary["samples"]}, summary["seed"] + 1)
     run_dir = runner.new_run_dir(commit)
@@ -472,15 +483,15 @@ def main():
                         f"environment's AUTORESEARCH_SEED, else {common.DEFAULT_SEED})")
     parser.add_argument("--train-command", metavar="CMD", help="the training command (default: "
                         "$AUTORESEARCH_TRAIN_COMMAND, else this Python running train.py)")
-    parser.add_argument("--gpus", type=int, default=1, metavar="N",
-                        help="GPUs for this one experiment (default 1): N > 1 runs train.py under torchrun, one "
-                        "rank per GPU (on the cpu profile: N gloo ranks sharing the cores)")
+    parser.add_argument("--gpus", type=int, metavar="N",
+                        help="GPUs for this one experiment (default 1, or the profile's: 8 on golf): N > 1 runs "
+                        "train.py under torchrun, one rank per GPU (on a cpu profile: N gloo ranks sharing the cores)")
     args = parser.parse_args()
     if args.timeout is not None and args.timeout <= 0:
         raise common.Refusal("--timeout must be positive")
-    if args.gpus < 1:
+    if args.gpus is not None and args.gpus < 1:
         raise common.Refusal("--gpus must be at least 1")
-    if args.gpus > 1 and (args.train_command or os.environ.get("AUTORESEARCH_TRAIN_COMMAND")):
+    if (args.gpus or 1) > 1 and (args.train_command or os.environ.get("AUTORESEARCH_TRAIN_COMMAND")):
         raise common.Refusal("--gpus runs the default training command under torchrun; a custom training "
                              "command launches its own processes")
     return confirm(args) if args.confirm else run_experiment(args)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from common import (EVAL_FILES, MODEL_FILE, OUT_DIR, PREPARE_COMMAND, PREPARE_FILE, ROOT, RUNS_DIR, SCRIPTS_DIR,
+from common import (CPU_PROFILES, EVAL_FILES, MODEL_FILE, OUT_DIR, PREPARE_COMMAND, PREPARE_FILE, ROOT, RUNS_DIR, SCRIPTS_DIR,
                     Refusal, eval_dir, is_finite_number, manifest_path, model_path, now_iso, parse_number,
                     parse_summary, pooled_noise, prepared_dir, read_tail, sha256_file, triage,
                     is_default_training_command)
@@ -404,9 +404,9 @@ def sandbox_state(session):
 
 
 def compute_clock(session_or_manifest):
-    """cpu_time on the cpu profile (where /proc lets the helper add up the process tree), else wall_time."""
+    """cpu_time on a CPU profile (where /proc lets the helper add up the process tree), else wall_time."""
     profile = (session_or_manifest or {}).get("profile")
-    return "cpu_time" if profile == "cpu" and Path("/proc/self/stat").exists() else "wall_time"
+    return "cpu_time" if profile in CPU_PROFILES and Path("/proc/self/stat").exists() else "wall_time"
 
 
 def eval_exposed():

@@ -124,18 +124,22 @@ def measure_noise(session, commit, count, command=None, timeout=None):
     compute beyond the budget to the overheads that set the allowance.
     Returns (the number of runs that finished, a line about the first that did not, or None)."""
     current = task.session_task(session)  # an external task: its command, its timeout
+    ranks = 1
     if current:
         timeout, command = timeout or current.timeout, command or list(current.command)
     else:
-        timeout = timeout or runner.default_timeout(common.require_manifest())
-        command = command or common.training_command()
+        manifest = common.require_manifest()
+        timeout = timeout or runner.default_timeout(manifest)
+        if command is None and not os.environ.get("AUTORESEARCH_TRAIN_COMMAND"):
+            ranks = int(manifest.get("gpus", 1))  # golf's 8 GPUs: the noise is the experiments' own
+        command = command or common.training_command(gpus=ranks)
     finished, problem = 0, None
     for _ in range(count):
         used = {sample["seed"] for sample in session.get("noise_runs") or [] if sample["commit"] == commit}
         seed = runner.next_seed(used, NOISE_SEED_START)
         run_dir = runner.new_run_dir(commit)
         started_at = common.now_iso()
-        run = runner.train_run(run_dir, command, seed, timeout, session, task=current)
+        run = runner.train_run(run_dir, command, seed, timeout, session, task=current, ranks=ranks)
         runner.score_run(run, run_dir, session, timeout)
         runner.delete_saved_models([run_dir])
         common.write_json_atomic(run_dir / "summary.json", {

@@ -10,12 +10,23 @@ import sys
 
 import pytest
 
-from conftest import ROOT, copy_project
+from conftest import ROOT, copy_project, run_prepare
 
 
-def test_golf_scores_the_round_trip_and_never_keeps_an_artifact_over_the_limit(tmp_path, builtin_cache):
+@pytest.fixture(scope="module")
+def golf_cache(tmp_path_factory):
+    """The offline corpus on the golf-cpu profile (the challenge's 1024-token vocabulary), with the
+    short budget and evaluation of conftest's builtin_cache."""
+    cache = tmp_path_factory.mktemp("golf-cache")
+    result = run_prepare(cache, "--dataset", "builtin", "--profile", "golf-cpu", "--time-budget", "5",
+                         "--eval-tokens", str(16 * 256))
+    assert result.returncode == 0, result.stderr
+    return cache
+
+
+def test_golf_scores_the_round_trip_and_never_keeps_an_artifact_over_the_limit(tmp_path, golf_cache):
     repo = copy_project(tmp_path)
-    env = dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache))
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(golf_cache))
     for key in ("AUTORESEARCH_TRAIN_COMMAND", "AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE"):
         env.pop(key, None)
 
@@ -42,6 +53,9 @@ def test_golf_scores_the_round_trip_and_never_keeps_an_artifact_over_the_limit(t
     assert summary["artifact_limit_bytes"] == 16_000_000 and summary["verdict"] == "baseline"
     # the number that decides is the round-tripped model's, scored by the referee
     assert summary["referee"] == "verified" and summary["val_bpb"] == pytest.approx(round_trip, abs=1e-6)
+    # the golf-cpu profile: the challenge's vocabulary, trained on the CPU clock by one process
+    assert summary["profile"] == "golf-cpu" and summary["manifest"]["vocab_size"] == 1024
+    assert summary["clock"] == "cpu_time" and "world_size" not in summary["metrics"]
     assert f"artifact {summary['artifact_bytes'] / 1e6:.3f} MB" in baseline.stdout
     kept = helper("scripts/decide.py", "keep")
     assert kept.returncode == 0, kept.stdout + kept.stderr
@@ -79,3 +93,24 @@ def test_the_helpers_and_the_referee_agree_on_the_limit():
     source = (ROOT / "prepare.py").read_text()
     assert re.search(r"^GOLF_LIMIT_BYTES = 16_000_000\b", source, re.M)
     assert runner.GOLF_LIMIT_BYTES == 16_000_000
+
+
+def test_the_golf_profiles_are_the_challenges_and_golf_trains_on_its_eight_gpus_by_default(monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import argparse
+    import experiment
+    import prepare
+    golf, cpu = prepare.PROFILES["golf"], prepare.PROFILES["golf-cpu"]
+    assert (golf["vocab_size"], golf["max_seq_len"], golf["time_budget"], golf["gpus"]) == (1024, 1024, 600, 8)
+    assert cpu["vocab_size"] == 1024 and "gpus" not in cpu and "golf-cpu" in prepare.CPU_PROFILES
+
+    def gpus(option=None, command=None, manifest=None, external=None):
+        return experiment.gpus_of(argparse.Namespace(gpus=option, train_command=command), manifest, external)
+
+    monkeypatch.delenv("AUTORESEARCH_TRAIN_COMMAND", raising=False)
+    assert gpus(manifest={"profile": "golf", "gpus": 8}) == 8  # torchrun, one rank per GPU
+    assert gpus(option=1, manifest={"profile": "golf", "gpus": 8}) == 1  # a smaller machine says so
+    assert gpus(manifest={"profile": "h100"}) == gpus(manifest=None) == 1
+    assert gpus(command="python my_train.py", manifest={"gpus": 8}) == 1  # a custom command runs its own
+    assert gpus(manifest={"gpus": 8}, external=object()) == 1  # so does an external task's

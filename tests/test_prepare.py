@@ -391,6 +391,7 @@ def test_the_helpers_find_the_cache_where_prepare_writes_it(monkeypatch, tmp_pat
         assert common.cache_dir() == prepare.cache_dir()
         assert common.manifest_path() == prepare.manifest_path()
     assert common.DEFAULT_SEED == prepare.DEFAULT_SEED
+    assert common.CPU_PROFILES == prepare.CPU_PROFILES == tuple(name for name in prepare.PROFILES if "cpu" in name)
 
 
 # ---------------------------------------------------------------------------
