@@ -72,10 +72,10 @@ DEFAULTS = {
     "agent": "random", "agent_command": None, "agent_bin": None, "agent_args": None, "max_turns": 30,
     "agent_timeout": 1800, "allow_install": False, "max_experiments": None, "hours": None, "plateau": None,
     "max_failures": 5, "seed": 0, "timeout": None, "train_command": None, "gpu": None, "gpus": None,
-    "noise_runs": 2, "no_referee": False, "no_sandbox": False,
+    "noise_runs": 2, "no_referee": False, "no_sandbox": False, "golf": False,
     "sampler": "tpe", "study_storage": None, "study_name": None, "track": None,  # --agent optuna; tracking
 }
-SETUP_FLAGS = ("noise_runs", "no_referee", "no_sandbox", "track")  # fixed by the session: start only
+SETUP_FLAGS = ("noise_runs", "no_referee", "no_sandbox", "golf", "track")  # fixed by the session: start only
 
 
 class Fatal(Exception):
@@ -264,6 +264,7 @@ class Loop:
             args += ["--deadline", state["deadline"]] if state.get("deadline") else []
             args += ["--no-referee"] if self.options.get("no_referee") else []
             args += ["--no-sandbox"] if self.options.get("no_sandbox") else []
+            args += ["--golf"] if self.options.get("golf") else []
             args += ["--track", self.options["track"]] if self.options.get("track") else []
             say(helper("setup.py", *args)[1])
         return NOISE
@@ -1053,6 +1054,9 @@ def add_session_options(parser):
                         help="do not re-score keep candidates with prepare.py (setup.py's --no-referee)")
     parser.add_argument("--no-sandbox", action="store_true",
                         help="train without the sandbox (setup.py's --no-sandbox)")
+    parser.add_argument("--golf", action="store_true",
+                        help="parameter golf on this train.py: the int8+zlib round trip decides, artifacts "
+                        "over 16,000,000 bytes are never kept (setup.py's --golf)")
     parser.add_argument("--track", choices=("mlflow", "wandb", "none"), default=DEFAULTS["track"],
                         help="record each experiment in MLflow or W&B (setup.py's --track; default: "
                         "$AUTORESEARCH_TRACK, else none)")
@@ -1128,6 +1132,9 @@ def command_start(args, argv):
     check_agent(options)
     if options["noise_runs"] < 0:
         raise common.Refusal("--noise-runs must be 0 or more")
+    if options["golf"] and (options["no_referee"] or task.load() is not None):
+        raise common.Refusal("--golf is this train.py scored by the referee's int8+zlib round trip: not with "
+                             "--no-referee, nor on an external task (its task file has its own constraints)")
     changed = common.changed_tracked_files()
     if changed:
         raise common.Refusal(f"uncommitted changes to tracked files ({', '.join(changed)}): "

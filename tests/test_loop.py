@@ -223,3 +223,16 @@ def test_every_flag_in_the_readme_loop_section_exists():
     assert {"--agent", "--max-experiments", "--background"} <= flags
     for flag in flags:
         assert any(flag in text for text in helps.values()), flag
+
+
+def test_golf_reaches_setup_and_is_refused_without_the_referee(repo):
+    refused = repo.start("--golf")  # start() adds --no-referee: golf is the referee's round trip
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "--golf" in refused.stderr and "--no-referee" in refused.stderr
+    assert not (repo.path / "runs" / "session.json").exists()
+    # The fake trainer saves no model, so its baseline has nothing for the round trip to score: the
+    # point here is the session start passes --golf on, not the run.
+    repo.loop("start", "--golf", "--noise-runs", "0", "--max-experiments", "0", "--tag", "g", timeout=300)
+    assert json.loads((repo.path / "runs" / "session.json").read_text())["task"] == "golf"
+    header = (repo.path / "results.tsv").read_text().splitlines()[0]
+    assert header.split("\t") == ["commit", "val_bpb", "artifact_mb", "status", "reasoning", "description"]
