@@ -106,10 +106,13 @@ def referee(model, cache):
 
 
 def plain_torch_load(model):
-    """What the referee did before: torch.export.load, then one call of the module."""
-    code = ("import sys, torch; program = torch.export.load(sys.argv[1]); "
-            "program.module()(torch.zeros(2, 256, dtype=torch.int64))")
-    return subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=300)
+    """What the referee did before: torch.export.load, then one call of the module. In this process
+    (a subprocess would only pay torch's import again): the attacks' payloads write a marker file,
+    and whatever the crafted archive makes torch raise afterwards does not matter here."""
+    try:
+        torch.export.load(str(model)).module()(torch.zeros(2, 256, dtype=torch.int64))
+    except Exception:  # noqa: BLE001  (the payload ran, or did not, before any error)
+        pass
 
 
 def assert_refused(result, why):
