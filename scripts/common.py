@@ -305,10 +305,10 @@ def ledger_columns(path=LEDGER_FILE):
         return LEDGER_COLUMNS
 
 
-def columns_of_header(header, path=LEDGER_FILE):
+def columns_of_header(header, path=LEDGER_FILE, external=None):
     """The columns of a ledger whose first line is `header` ("" for an empty file: upstream's five, or
-    an external task's)."""
-    external = task_columns() if path == LEDGER_FILE else None
+    an external task's: this session's, or `external` for another checkout's ledger, a lane's)."""
+    external = external or (task_columns() if path == LEDGER_FILE else None)
     if external and header in ("", header_line(external)):
         return external
     for columns, expected in ((LEDGER_COLUMNS, LEDGER_HEADER), (GOLF_LEDGER_COLUMNS, GOLF_LEDGER_HEADER)):
@@ -318,14 +318,15 @@ def columns_of_header(header, path=LEDGER_FILE):
                   f"{GOLF_LEDGER_HEADER.strip()!r} (tab-separated): not a ledger written by these helpers")
 
 
-def read_ledger(path=LEDGER_FILE):
-    """Every row of results.tsv in order ([] when the file does not exist yet)."""
+def read_ledger(path=LEDGER_FILE, external=None):
+    """Every row of results.tsv in order ([] when the file does not exist yet); `external`: the
+    columns of an external task's ledger that is not this session's (a lane's, read by lanes.py)."""
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return []
     lines = text.splitlines(keepends=True)
-    columns = columns_of_header(lines[0] if lines else "", path)  # the file read once
+    columns = columns_of_header(lines[0] if lines else "", path, external)  # the file read once
     return [parse_row(line, number, path, columns) for number, line in enumerate(lines[1:], start=2)
             if line.strip()]
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import task  # noqa: E402
 
 BACKENDS = ("slurm", "ray")
 JOBS_DIRECTORY = "runs/jobs"  # under a worktree: one JSON record (and for slurm, script and log) per job
@@ -394,7 +395,11 @@ def dispatch(backend_name, options, command, root=common.ROOT):
 
 
 def default_time_limit():
-    """Minutes for SLURM's --time: experiment.py's default timeout plus a minute, from the profile."""
+    """Minutes for SLURM's --time: experiment.py's default timeout plus a minute, from the profile
+    (an external task's: its own timeout plus a minute)."""
+    current = task.load()
+    if current is not None:
+        return math.ceil(current.timeout / 60) + 1
     manifest = common.load_manifest() or {}
     budget = manifest.get("time_budget")
     if not common.is_finite_number(budget):

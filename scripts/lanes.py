@@ -12,6 +12,9 @@ Cluster lanes start their loops with --no-sandbox: the sandbox (no network, a re
 would keep the dispatcher from reaching the engine; the job runs on a node instead, under the
 engine's own isolation.
 The set is recorded in runs/lanes/TAG.json; commands without --tag act on the newest set.
+With an autoresearch.toml (an external task, scripts/task.py) each lane runs the task's command and
+needs no prepared data; the set records the task's metric, so status and plot rank the lanes by it,
+in its direction, and say that it is self-reported.
 
 Usage:
     uv run scripts/lanes.py start N --backend local|slurm|ray [--tag TAG] [options] [-- loop.py start options]
@@ -36,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import runner  # noqa: E402
 import dispatch  # noqa: E402
+import task  # noqa: E402
 
 LANES_DIR = common.RUNS_DIR / "lanes"  # TAG.json (the set) and TAG/lane<k>/ (the worktrees)
 BACKENDS = ("local", "slurm", "ray")
@@ -68,6 +72,15 @@ def lane_path(lane):
     return Path(lane["path"])
 
 
+def set_task(lanes):
+    """The external task the set was started on (recorded at start), or None for the built-in protocol."""
+    return lanes.get("task")
+
+
+def metric_direction(lanes):
+    return set_task(lanes)["direction"] if set_task(lanes) else "lower"
+
+
 def loop(lane, *args):
     """Run the lane's own loop.py with this Python; (exit code, output)."""
     result = subprocess.run([sys.executable, "scripts/loop.py", *args], cwd=lane_path(lane), capture_output=True,
@@ -87,14 +100,15 @@ def lane_environment(lane):
 # start
 
 
-def training_command(args):
+def training_command(args, current=None):
     """What each experiment runs: the dispatcher in front of the training command for a cluster."""
     if args.backend == "local":
-        return args.train_command  # None: the loop's default, under torchrun for --gpus N > 1
-    # The default is experiment.py's (train.py, under torchrun on several GPUs), but for ray with the
-    # cluster's Python, not ours.
-    default = common.default_training_command(args.gpus_per_run)
-    default = default if args.backend == "slurm" else ["python", *default[1:]]
+        return args.train_command  # None: the loop's default (or the task's command), under torchrun for --gpus N > 1
+    if current is not None:  # an external task's command starts its own processes on the job's GPUs
+        default = list(current.command)
+    else:  # experiment.py's (train.py, under torchrun on several GPUs), but for ray with the cluster's Python, not ours
+        default = common.default_training_command(args.gpus_per_run)
+        default = default if args.backend == "slurm" else ["python", *default[1:]]
     train = args.train_command or shlex.join(default)
     words = [sys.executable, "scripts/dispatch.py", "--backend", args.backend, "--gpus", str(args.gpus_per_run)]
     if args.backend == "slurm":
@@ -109,7 +123,8 @@ def training_command(args):
 def command_start(args, loop_args):
     if args.count < 1:
         raise common.Refusal("start at least one lane")
-    if common.load_manifest() is None:  # one preparation for every lane, before any of them starts
+    current = task.load()  # a bad autoresearch.toml is refused before any worktree exists
+    if current is None and common.load_manifest() is None:  # one preparation for every lane, before any starts
         raise common.Refusal(f"data not prepared: run {common.PREPARE_COMMAND} (offline: "
                              f"{common.PREPARE_COMMAND_OFFLINE}) once, then start the lanes")
     changed = common.changed_tracked_files()
@@ -132,9 +147,12 @@ def command_start(args, loop_args):
     for k in range(args.count):
         if common.git("rev-parse", "-q", "--verify", f"refs/heads/{common.BRANCH_PREFIX}{tag}-lane{k}", check=False):
             raise common.Refusal(f"branch {common.BRANCH_PREFIX}{tag}-lane{k} already exists: choose another --tag")
-    train = training_command(args)
+    train = training_command(args, current)
     lanes = {"tag": tag, "backend": args.backend, "created_at": common.now_iso(), "train_command": train,
              "start_commit": common.head_commit(), "loop_args": loop_args, "lanes": []}
+    if current is not None:  # what status and plot rank the lanes by; every lane's worktree has the same file
+        lanes["task"] = {"name": current.name, "metric": current.metric_name, "direction": current.direction,
+                         "ledger_columns": list(current.ledger_columns())}
     for k in range(args.count):
         path = LANES_DIR / tag / f"lane{k}"
         common.git("worktree", "add", "-q", "--detach", str(path), "HEAD")
@@ -147,7 +165,9 @@ def command_start(args, loop_args):
         options += ["--train-command", train] if train else []
         options += ["--no-sandbox"] if args.backend != "local" and "--no-sandbox" not in loop_args else []
         options += ["--gpu", lane["gpu"]] if lane["gpu"] is not None else []
-        options += ["--gpus", str(per_run)] if args.backend == "local" and per_run > 1 and not train else []
+        # N ranks under torchrun are train.py's; an external task's command starts its own processes on the N GPUs
+        ranks = args.backend == "local" and per_run > 1 and not train and current is None
+        options += ["--gpus", str(per_run)] if ranks else []
         options += ["--track", args.track] if args.track else []
         if "optuna" in loop_args and "--study-storage" not in loop_args:  # one study that every lane asks
             options += ["--study-storage", f"sqlite:///{LANES_DIR / tag / 'optuna.db'}", "--study-name", tag]
@@ -178,12 +198,18 @@ def choose_tag():
 # status
 
 
-def lane_status(lane):
+def lane_ledger(lanes, lane):
+    """The lane's ledger rows, in an external task's columns when the set has one."""
+    columns = tuple(set_task(lanes)["ledger_columns"]) if set_task(lanes) else None
+    return common.read_ledger(lane_path(lane) / "results.tsv", columns)
+
+
+def lane_status(lanes, lane):
     path = lane_path(lane)
-    rows = common.read_ledger(path / "results.tsv")
+    rows = lane_ledger(lanes, lane)
     code, output = loop(lane, "status", "--json")
     state = json.loads(output) if code == 0 else {}
-    best = common.best_ever(rows)
+    best = common.best_ever(rows, metric_direction(lanes))
     jobs = [record for record in dispatch.load_records(path) if record and record["state"] in dispatch.IN_FLIGHT]
     return {"name": lane["name"], "branch": lane["branch"], "path": lane["path"], "gpu": lane["gpu"],
             "running": bool(state.get("running")), "stage": state.get("stage"), "stop_reason": state.get("stop_reason"),
@@ -195,9 +221,10 @@ def lane_status(lane):
 
 def gather(tag):
     lanes = load_set(tag)
-    per_lane = [lane_status(lane) for lane in lanes["lanes"]]
+    per_lane = [lane_status(lanes, lane) for lane in lanes["lanes"]]
     scored = [lane for lane in per_lane if lane["best"]]
-    best_lane = min(scored, key=lambda lane: lane["best"]["val_bpb"]) if scored else None
+    pick = max if metric_direction(lanes) == "higher" else min
+    best_lane = pick(scored, key=lambda lane: lane["best"]["val_bpb"]) if scored else None
     total = sum(lane["experiments"] for lane in per_lane)
     until = datetime.datetime.now(datetime.timezone.utc)
     if not any(lane["running"] for lane in per_lane):  # all stopped: the rate up to the last ledger write
@@ -206,22 +233,31 @@ def gather(tag):
         if times:
             until = datetime.datetime.fromtimestamp(max(times), datetime.timezone.utc)
     hours = (until - common.parse_iso(lanes["created_at"])).total_seconds() / 3600
-    return {"tag": lanes["tag"], "backend": lanes["backend"], "created_at": lanes["created_at"],
-            "lanes": per_lane, "experiments": total, "per_hour": round(total / hours, 2) if hours > 0 else None,
-            "running": sum(lane["running"] for lane in per_lane),
-            "best": dict(best_lane["best"], lane=best_lane["name"]) if best_lane else None}
+    status = {"tag": lanes["tag"], "backend": lanes["backend"], "created_at": lanes["created_at"],
+              "lanes": per_lane, "experiments": total, "per_hour": round(total / hours, 2) if hours > 0 else None,
+              "running": sum(lane["running"] for lane in per_lane),
+              "best": dict(best_lane["best"], lane=best_lane["name"]) if best_lane else None}
+    if set_task(lanes):  # the best's number is under val_bpb (the ledger row's field), named here
+        status.update(task=set_task(lanes)["name"], metric=set_task(lanes)["metric"],
+                      direction=metric_direction(lanes), self_reported=True)
+    return status
 
 
 def print_status(status):
     rate = f", {status['per_hour']}/h in total" if status["per_hour"] is not None else ""
     best = status["best"]
-    best_text = (f"; best {best['val_bpb']:.6f} in {best['lane']} ({best['commit']}: {best['description']})"
+    metric = f"{status['metric']} " if status.get("task") else ""  # the built-in val_bpb goes unnamed
+    best_text = (f"; best {metric}{best['val_bpb']:.6f} in {best['lane']} ({best['commit']}: {best['description']})"
                  if best else "; nothing kept yet")
     print(f"lanes {status['tag']} ({status['backend']}, {status['running']}/{len(status['lanes'])} running): "
           f"{status['experiments']} experiments{rate}{best_text}")
+    if status.get("task"):
+        print(f"task {status['task']} (autoresearch.toml: {status['metric']}, {status['direction']} is better, "
+              "self-reported)")
     for lane in status["lanes"]:
         state = "running" if lane["running"] else f"stopped ({lane['stop_reason'] or 'no loop'})"
-        lane_best = f"best {lane['best']['val_bpb']:.6f} ({lane['best']['commit']})" if lane["best"] else "no keep yet"
+        lane_best = (f"best {metric}{lane['best']['val_bpb']:.6f} ({lane['best']['commit']})" if lane["best"]
+                     else "no keep yet")
         gpu = f" gpu {lane['gpu']}" if lane["gpu"] is not None else ""
         jobs = f"; job {', '.join(lane['jobs_in_flight'])}" if lane["jobs_in_flight"] else ""
         print(f"  {lane['name']}{gpu}: {state}, stage {lane['stage']}, {lane['experiments']} experiments, "
@@ -243,7 +279,8 @@ def command_status(args):
 
 def command_plot(args):
     lanes = load_set(args.tag)
-    ledgers = [(lane["name"], common.read_ledger(lane_path(lane) / "results.tsv")) for lane in lanes["lanes"]]
+    ledgers = [(lane["name"], lane_ledger(lanes, lane)) for lane in lanes["lanes"]]
+    direction = metric_direction(lanes)
     if not any(common.experiments(rows) for _name, rows in ledgers):
         raise common.Refusal("no lane has an experiment yet: nothing to plot")
     import matplotlib  # here: a second of start-up that a refusal should not pay
@@ -258,21 +295,26 @@ def command_plot(args):
         runs = [row for row in common.experiments(rows) if row.status != "crash"]
         numbers = {id(row): n for n, row in enumerate(common.experiments(rows), start=1)}
         ax.scatter([numbers[id(row)] for row in runs], [row.val_bpb for row in runs], s=10, color=color, alpha=0.3)
-        frontier, running = [], float("inf")
+        frontier, running = [], None
         for row in runs:
-            if row.status == "keep" and row.val_bpb < running:
+            if row.status == "keep" and (running is None or common.beats(row.val_bpb, running, direction)):
                 running = row.val_bpb
                 frontier.append((numbers[id(row)], row.val_bpb))
         if frontier:
             frontier.append((len(numbers), frontier[-1][1]))
             ax.step(*zip(*frontier), where="post", color=color, linewidth=1.5, label=f"{name} best {running:.6f}")
-            if best_overall is None or running < best_overall[1]:
+            if best_overall is None or common.beats(running, best_overall[1], direction):
                 best_overall = (name, running, frontier[-2][0])
     if best_overall:
         ax.scatter([best_overall[2]], [best_overall[1]], marker="*", s=200, color="black", zorder=4,
                    label=f"global best {best_overall[1]:.6f} ({best_overall[0]})")
     ax.set_xlabel("experiment (in its lane)")
-    ax.set_ylabel("val_bpb (lower is better)")
+    if set_task(lanes):  # better stays down: the axis turned over where higher is better, as plot.py does
+        ax.set_ylabel(f"{set_task(lanes)['metric']} ({direction} is better, self-reported)")
+        if direction == "higher":
+            ax.invert_yaxis()
+    else:
+        ax.set_ylabel("val_bpb (lower is better)")
     ax.grid(alpha=0.25)
     ax.legend(loc="upper right", fontsize=8)
     total = sum(len(common.experiments(rows)) for _name, rows in ledgers)

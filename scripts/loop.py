@@ -768,6 +768,12 @@ def analysis_lines(current):
                 "- vs expected: -", "- why: the proposal never reached training",
                 "- lesson: -"]
     run = runs[-1]
+    if run["status"] == common.CONSTRAINT_STATUS:  # it ran and was measured, but broke a rule of the task file
+        value = f"{run['val_bpb']:.6f}" if common.is_finite_number(run.get("val_bpb")) else "-"
+        return [f"- result: constraint violation ({run['detail']}): {common.metric_name()} {value} self-reported, "
+                f"never kept, run {run['id']} {str(run['commit'])[:7]}",
+                "- vs expected: unusable: it broke a constraint of autoresearch.toml", f"- why: {run['detail']}",
+                "- lesson: the idea must fit the task's constraints before its number counts"]
     if run["status"] != "ok":
         tried = " after one repair" if len(runs) > 1 else ""
         return [f"- result: crash{tried} ({run['triage']}: {run['detail']}), run {run['id']} {str(run['commit'])[:7]}",
@@ -804,7 +810,7 @@ def remember_in_notes(state):
     best = common.best_kept(common.read_ledger())
     if best:
         lineage = [row.description for row in common.kept_lineage(common.read_ledger())[1:]]
-        body = (f"- commit: {best.commit}\n- val_bpb: {best.val_bpb:.6f}\n"
+        body = (f"- commit: {best.commit}\n- {common.metric_name()}: {best.val_bpb:.6f}\n"
                 f"- what makes it different from the baseline: {'; '.join(lineage) or 'nothing: it is the baseline'}\n")
         text = re.sub(r"(^## Best Known Config[^\n]*\n)(.*?)(?=^## |\Z)", lambda m: m.group(1) + "\n" + body + "\n",
                       text, count=1, flags=re.M | re.S)

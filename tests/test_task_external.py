@@ -7,11 +7,13 @@ numbers derived from its own hyperparameters, in well under a second) and a task
 tasks/parameter-golf.toml, then drives the real helpers through their command lines.
 """
 
+import difflib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,11 @@ name = "artifact_mb"
 from = "artifact_bytes"
 scale = 1e-6
 '''
+
+
+# A higher-is-better task under another name than val_bpb: a helper that ranks lower-is-better, or
+# writes the literal val_bpb, fails its tests.
+SCORE_TASK = TASK.replace('name = "val_bpb"', 'name = "score"')
 
 
 class Repo:
@@ -282,3 +289,77 @@ def test_the_shipped_task_files_read_the_challenges_log_lines():
     assert golf.ledger_columns() == ("commit", "val_bpb", "artifact_mb", "status", "description")
     single = task.load(PROJECT / "tasks" / "single-script.toml")
     assert single.read_metric("step 1\nval_loss: 3.25\nval_loss: 3.125\n") == 3.125
+
+
+def queue_edit(repo, old, new, description):
+    """A human-queue proposal (next_proposal.json) that makes one edit to train_gpt.py."""
+    text = (repo.path / "train_gpt.py").read_text()
+    assert old in text
+    patch = "".join(difflib.unified_diff(text.splitlines(True), text.replace(old, new, 1).splitlines(True),
+                                         "a/train_gpt.py", "b/train_gpt.py"))
+    (repo.path / "next_proposal.json").write_text(json.dumps({"description": description, "patch": patch}))
+
+
+def test_the_loops_notes_call_a_constraint_violation_one_and_name_the_tasks_metric(tmp_path):
+    repo = make_repo(tmp_path, task=SCORE_TASK.format(python=sys.executable, direction="lower"))
+    queue_edit(repo, "MODEL_DIM = 512", "MODEL_DIM = 1024", "width 1024")  # 27,648,000 bytes: over the limit
+    ok(repo.run("loop", "start", "--tag", "notes", "--max-experiments", "1", "--noise-runs", "0", timeout=300))
+    assert [row[3] for row in repo.ledger()[1:]] == ["keep", "constraint"]
+    notes = (repo.path / "notes.md").read_text()
+    analysis = notes.split("### ANALYSIS: [loop 0001] width 1024")[1].split("###")[0]
+    assert "- result: constraint violation (artifact_bytes 27,648,000 over the max 16,000,000): score 1.300000 " \
+           "self-reported, never kept" in analysis, analysis
+    assert "crash" not in analysis and "did not finish" not in analysis, analysis
+    best = notes.split("## Best Known Config")[1].split("\n## ")[0]
+    assert "- score: 1.300000" in best and "val_bpb" not in best, best
+
+
+# The stand-in's score, shifted by the lane's GPU: each lane's ledger shows which GPU trained it, and
+# lane1 (GPU 7: 70 and some) beats lane0 (GPU 3: 30 and some) whatever the random proposer tried.
+LANE_STANDIN = STANDIN.replace("val_bpb = 1.2 +", 'val_bpb = 10 * int(os.environ["CUDA_VISIBLE_DEVICES"]) + 1.2 +')
+
+
+def lanes_status(repo):
+    return json.loads(ok(repo.run("lanes", "status", "--json")))
+
+
+def test_local_lanes_on_an_external_task_rank_by_its_metric_and_direction(tmp_path):
+    repo = make_repo(tmp_path, task=SCORE_TASK.format(python=sys.executable, direction="higher"))
+    (repo.path / "train_gpt.py").write_text(LANE_STANDIN)
+    repo.git("commit", "-qam", "the score follows the GPU")
+    out = ok(repo.run("lanes", "start", "2", "--backend", "local", "--tag", "ext", "--gpu-ids", "3,7",
+                      "--", "--noise-runs", "0", "--max-experiments", "2", "--timeout", "30"))
+    assert "2 loops started on GPUs 3,7" in out, out
+    deadline = time.monotonic() + 120
+    while (status := lanes_status(repo))["running"] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert status["running"] == 0, status
+    assert status["experiments"] == 6 and status["task"] == "golf-standin" and status["metric"] == "score"
+    assert status["direction"] == "higher" and status["self_reported"] is True
+    for gpu, lane in zip((3, 7), sorted((repo.path / "runs" / "lanes" / "ext").glob("lane*"))):
+        lines = [line.split("\t") for line in (lane / "results.tsv").read_text().splitlines()]
+        assert lines[0] == ["commit", "score", "artifact_mb", "status", "description"] and len(lines) == 4, lines
+        assert lines[1][3] == "keep" and all(row[3] in ("keep", "discard", "constraint") for row in lines[1:]), lines
+        # each row trained on the lane's own GPU, and has the task's column
+        assert all(10 * gpu < float(row[1]) < 10 * gpu + 10 and float(row[2]) > 0 for row in lines[1:]), lines
+    assert not (repo.path / "results.tsv").exists()  # the main checkout's ledger is no lane's
+    best = status["best"]
+    assert best["lane"] == "lane1" and best["val_bpb"] == max(lane["best"]["val_bpb"] for lane in status["lanes"])
+    assert best["extras"]["artifact_mb"] > 0
+    text = ok(repo.run("lanes", "status"))
+    assert f"best score {best['val_bpb']:.6f} in lane1" in text, text
+    assert "task golf-standin (autoresearch.toml: score, higher is better, self-reported)" in text, text
+    assert "wrote runs/lanes/ext-progress.png (2 lanes, 6 experiments)" in ok(repo.run("lanes", "plot"))
+
+
+def test_cluster_lanes_of_an_external_task_dispatch_its_command_within_its_timeout(tmp_path):
+    repo = make_repo(tmp_path)
+    probe = ("import argparse, sys; sys.path.insert(0, 'scripts'); import dispatch, lanes, task\n"
+             "args = argparse.Namespace(backend='slurm', train_command=None, gpus_per_run=2, partition=None,"
+             " sbatch_option=[], address=None, env=[])\n"
+             "print(lanes.training_command(args, task.load())); print(dispatch.default_time_limit())")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=repo.path, env=repo.env, capture_output=True,
+                            text=True, timeout=60)
+    command, minutes = ok(result).splitlines()
+    assert command.endswith(f"--gpus 2 -- {sys.executable} train_gpt.py"), command  # no torchrun of train.py
+    assert minutes == "2"  # the task's timeout of 60 s, plus a minute
