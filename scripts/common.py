@@ -56,6 +56,17 @@ BRANCH_PREFIX = "autoresearch/"  # a session's branch is autoresearch/<tag>, as 
 # prepare.py's DEFAULT_SEED, restated (importing prepare.py costs torch): train.py's seed without AUTORESEARCH_SEED
 DEFAULT_SEED = 42
 CPU_PROFILES = ("cpu", "golf-cpu")  # prepare.py's, restated: profiles whose budget is CPU seconds
+
+
+def profile_block_applies(condition, profile):
+    """Whether train.py's `if <condition>:` block of settings is in effect under `profile`, for the
+    two forms train.py uses: `PROFILE == "golf"` and `PROFILE in CPU_PROFILES`. The random proposer,
+    the searcher and the trackers read the settings from the text, without running train.py."""
+    condition = " ".join(condition.split())
+    if condition == "PROFILE in CPU_PROFILES":
+        return profile in CPU_PROFILES
+    match = re.fullmatch(r"""PROFILE == ["']([\w-]+)["']""", condition)
+    return bool(match) and match.group(1) == profile
 PREPARE_COMMAND_OFFLINE = "uv run prepare.py --dataset builtin"
 
 

@@ -77,7 +77,7 @@ def read_queued_proposal(path):
 
 ASSIGNMENT = re.compile(r"^(?P<indent>[ \t]*)(?P<name>[A-Z][A-Z0-9_]*)(?P<gap>\s*=\s*)(?P<value>[^#\n]*?)"
                         r"(?P<comment>\s*#.*)?$")
-PROFILE_BLOCK = re.compile(r"""^if\s+PROFILE\s*==\s*["'](?P<profile>\w+)["']\s*:""")
+PROFILE_BLOCK = re.compile(r"""^if\s+(?P<condition>PROFILE\b[^:#]*?)\s*:""")  # common.profile_block_applies
 
 # name: (how it moves, lowest, highest). Rates and sizes move by a factor; sizes that the code
 # splits into heads or batches stay powers of two; fractions move by a step, since 0 is common.
@@ -129,14 +129,14 @@ def literal(text):
 def active_assignments(text, profile):
     """{NAME: (line index, number)} for the numeric UPPER_CASE settings in effect under `profile`.
 
-    Top-level assignments, replaced by those inside `if PROFILE == "<profile>":` when present:
-    on the cpu profile train.py overrides the model size and rates there, and perturbing the
-    top-level value would change nothing."""
+    Top-level assignments, replaced by those inside an `if PROFILE ...:` block that applies to it
+    (common.profile_block_applies): on the cpu profiles train.py overrides the model size and rates
+    there, and perturbing the top-level value would change nothing."""
     top, override, inside = {}, {}, None
     for index, line in enumerate(text.splitlines()):
         header = PROFILE_BLOCK.match(line)
         if header:
-            inside = header.group("profile")
+            inside = common.profile_block_applies(header.group("condition"), profile)
             continue
         if line.strip() and not line[0].isspace():
             inside = None
@@ -146,7 +146,7 @@ def active_assignments(text, profile):
             continue
         if not match.group("indent"):
             top[match.group("name")] = (index, number)
-        elif inside == profile:
+        elif inside:
             override[match.group("name")] = (index, number)
     return {**top, **override}
 

@@ -56,12 +56,12 @@ def active_settings(text, profile):
     for index, line in enumerate(text.splitlines()):
         header = proposers.PROFILE_BLOCK.match(line)
         if header:
-            inside = header.group("profile")
+            inside = common.profile_block_applies(header.group("condition"), profile)
             continue
         if line.strip() and not line[0].isspace():
             inside = None
         match = proposers.ASSIGNMENT.match(line)
-        if not match or (match.group("indent") and inside != profile):
+        if not match or (match.group("indent") and not inside):
             continue
         try:
             value = ast.literal_eval(match.group("value").strip())

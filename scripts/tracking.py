@@ -200,8 +200,8 @@ def start_worker():
 
 
 def hyperparameters(source, profile):
-    """train.py's UPPER_CASE settings in effect under `profile` (the `if PROFILE == ...:` block
-    replaces the top-level values, as in train.py), parsed with ast: numbers, strings, tuples."""
+    """train.py's UPPER_CASE settings in effect under `profile` (an `if PROFILE ...:` block that
+    applies, common.profile_block_applies, replaces the top-level values, as in train.py), parsed with ast: numbers, strings, tuples."""
     found = {}
 
     def take(statement):
@@ -213,8 +213,7 @@ def hyperparameters(source, profile):
 
     for statement in ast.parse(source).body:
         take(statement)
-        if isinstance(statement, ast.If) and ast.unparse(statement.test) in (f"PROFILE == {profile!r}",
-                                                                              f'PROFILE == "{profile}"'):
+        if isinstance(statement, ast.If) and common.profile_block_applies(ast.unparse(statement.test), profile):
             for inner in statement.body:
                 take(inner)
     return found

@@ -46,7 +46,7 @@ def test_the_random_proposer_is_reproducible_and_perturbs_the_active_setting():
     first = [proposers.random_proposal(text, "cpu", 256, 7, i) for i in range(1, 30)]
     assert first == [proposers.random_proposal(text, "cpu", 256, 7, i) for i in range(1, 30)]
     assert first != [proposers.random_proposal(text, "cpu", 256, 8, i) for i in range(1, 30)]
-    cpu_block = text.index('if PROFILE == "cpu":')
+    cpu_block = text.index('if PROFILE in CPU_PROFILES:')
     for proposal in first:
         name = proposal["description"].split()[0]
         removed = next(line for line in proposal["patch"].splitlines() if line.startswith("-") and "=" in line)
@@ -236,3 +236,15 @@ def test_golf_reaches_setup_and_is_refused_without_the_referee(repo):
     assert json.loads((repo.path / "runs" / "session.json").read_text())["task"] == "golf"
     header = (repo.path / "results.tsv").read_text().splitlines()[0]
     assert header.split("\t") == ["commit", "val_bpb", "artifact_mb", "status", "reasoning", "description"]
+
+
+def test_each_profile_sees_the_settings_train_py_gives_it():
+    # train.py's blocks `if PROFILE in CPU_PROFILES:` and `if PROFILE == "golf":`, read without running it
+    import search
+    import tracking
+    text = (PROJECT / "train.py").read_text()
+    for profile, depth in (("cpu", 2), ("golf-cpu", 2), ("golf", 6), ("h100", 8)):
+        assert proposers.active_assignments(text, profile)["DEPTH"][1] == depth, profile
+        assert search.active_settings(text, profile)["DEPTH"][1] == depth, profile
+        assert tracking.hyperparameters(text, profile)["DEPTH"] == depth, profile
+    assert tracking.hyperparameters(text, "golf-cpu")["TOTAL_BATCH_SIZE"] == 2**13
