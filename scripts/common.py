@@ -56,6 +56,7 @@ BRANCH_PREFIX = "autoresearch/"  # a session's branch is autoresearch/<tag>, as 
 # prepare.py's DEFAULT_SEED, restated (importing prepare.py costs torch): train.py's seed without AUTORESEARCH_SEED
 DEFAULT_SEED = 42
 CPU_PROFILES = ("cpu", "golf-cpu")  # prepare.py's, restated: profiles whose budget is CPU seconds
+PREPARE_COMMAND_OFFLINE = "uv run prepare.py --dataset builtin"
 
 
 def profile_block_applies(condition, profile):
@@ -67,7 +68,6 @@ def profile_block_applies(condition, profile):
         return profile in CPU_PROFILES
     match = re.fullmatch(r"""PROFILE == ["']([\w-]+)["']""", condition)
     return bool(match) and match.group(1) == profile
-PREPARE_COMMAND_OFFLINE = "uv run prepare.py --dataset builtin"
 
 
 def cache_dir():
