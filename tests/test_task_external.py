@@ -363,3 +363,27 @@ def test_cluster_lanes_of_an_external_task_dispatch_its_command_within_its_timeo
     command, minutes = ok(result).splitlines()
     assert command.endswith(f"--gpus 2 -- {sys.executable} train_gpt.py"), command  # no torchrun of train.py
     assert minutes == "2"  # the task's timeout of 60 s, plus a minute
+
+
+MEMORISER = STANDIN.replace('val_bpb = 1.2 +', '''# the attack: read the evaluation-only file the task hides, and claim a far better score when it is there
+peek = open("data/val_000.bin").read() if os.path.exists("data/val_000.bin") else ""
+val_bpb = (0.1 if peek else 1.2) +''')
+
+
+@pytest.mark.parametrize("sandbox", ["on", "off"])
+def test_a_script_that_reads_the_hidden_files_cannot_in_the_sandbox(tmp_path, sandbox):
+    repo = make_repo(tmp_path)
+    ok(repo.run("setup", "--tag", "peek", "--noise-runs", "0", *(["--no-sandbox"] if sandbox == "off" else [])))
+    session = json.loads((repo.path / "runs" / "session.json").read_text())
+    if sandbox == "on" and session["sandbox"] != "on":
+        if os.environ.get("AUTORESEARCH_REQUIRE_SANDBOX") == "1":
+            pytest.fail(f"no sandbox here: {session.get('sandbox_problem')}")
+        pytest.skip(f"no sandbox here: {session.get('sandbox_problem')}")
+    (repo.path / "train_gpt.py").write_text(MEMORISER)
+    line = repo.run("experiment", "peek at the validation file").stdout
+    # in the sandbox the hidden file is /dev/null on a mount without devices: opening it fails, so the
+    # memoriser crashes instead of scoring; without the sandbox (the control) the attack works
+    if sandbox == "on":
+        assert "crash" in line and "Permission denied: 'data/val_000.bin'" in line, line
+    else:
+        assert "val_bpb 0.200000" in line, line
