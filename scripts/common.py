@@ -378,6 +378,12 @@ def experiments(rows):
     return [row for row in rows if row.status != "backtrack"]
 
 
+def scored(rows):
+    """Experiments with a number worth drawing: kept or discarded. A crash or an invalid run records
+    0.0 (it has no trusted result), and a constraint run broke a rule, so neither is a point."""
+    return [row for row in rows if row.status in ("keep", "discard")]
+
+
 def kept_lineage(rows):
     """The kept rows the branch currently builds on, oldest first.
 

@@ -292,7 +292,7 @@ def command_plot(args):
     best_overall = None
     for index, (name, rows) in enumerate(ledgers):
         color = f"C{index % 10}"
-        runs = [row for row in common.experiments(rows) if row.status != "crash"]
+        runs = common.scored(rows)  # a crash or invalid run's 0.0 would look like the best result of all
         numbers = {id(row): n for n, row in enumerate(common.experiments(rows), start=1)}
         ax.scatter([numbers[id(row)] for row in runs], [row.val_bpb for row in runs], s=10, color=color, alpha=0.3)
         frontier, running = [], None

@@ -8,6 +8,7 @@ CUDA_VISIBLE_DEVICES it was given: no GPU is needed to check that each lane keep
 import argparse
 import ast
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -194,3 +195,37 @@ def test_a_cancel_whose_exception_a_finalizer_swallowed_still_stops_the_follow(m
         dispatch.CANCEL_SIGNAL.clear()
         for number, handler in handlers.items():
             signal.signal(number, handler)
+
+
+# Runs lanes.py plot with Axes.scatter recording the points it draws (the figure is still written).
+RECORDING_PLOT = """
+import json, runpy, sys
+import matplotlib.axes
+drawn, scatter = [], matplotlib.axes.Axes.scatter
+def recording(self, x, y, *args, **kwargs):
+    drawn.extend(float(value) for value in y)
+    return scatter(self, x, y, *args, **kwargs)
+matplotlib.axes.Axes.scatter = recording
+sys.argv = ["scripts/lanes.py", "plot", "--tag", sys.argv[1]]
+try:
+    runpy.run_path("scripts/lanes.py", run_name="__main__")
+finally:
+    print(json.dumps(drawn))
+"""
+
+
+def test_the_lanes_plot_draws_no_crash_or_invalid_run_at_zero(repo):
+    repo.lanes("start", "2", "--backend", "local", "--tag", "pz", "--train-command", FAKE_TRAIN,
+               "--", *FAKE_LOOP, "--max-experiments", "0", "--timeout", "30")
+    repo.wait_until_stopped(timeout=90)
+    lane = repo.lane_paths("pz")[0]
+    commit = repo.rows(lane)[0][0]
+    with (lane / "results.tsv").open("a") as ledger:  # what experiment.py records for runs without a result
+        ledger.write(f"{commit}\t0.000000\t0.0\tinvalid\tlooked ahead\n{commit}\t0.000000\t0.0\tcrash\toom\n")
+    result = subprocess.run([sys.executable, "-c", RECORDING_PLOT, "pz"], cwd=repo.path, env=repo.env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "wrote runs/lanes/pz-progress.png (2 lanes, 4 experiments)" in result.stdout
+    drawn = json.loads(result.stdout.strip().splitlines()[-1])
+    baselines = [float(repo.rows(path)[0][1]) for path in repo.lane_paths("pz")]
+    assert 0.0 not in drawn and sorted(baselines) == sorted(drawn[:2]), drawn
