@@ -747,6 +747,12 @@ def detect_device():
     for variable, folder in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
         os.environ.setdefault(variable, str(cache_dir() / "compile" / folder))
     if torch.cuda.is_available():
+        # torchrun's ranks on this machine, one GPU each: more ranks than GPUs would fail later, deep in a
+        # traceback of every rank (the golf profile starts 8 unless told --gpus N)
+        ranks, present = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+        if ranks > present:
+            fail(f"torchrun started {ranks} processes on this machine, one per GPU, but torch sees {present} "
+                 f"GPU{'s' * (present != 1)}: pass --gpus {present} to experiment.py or loop.py")
         return torch.device("cuda")
     profile = manifest()["profile"]
     if torch.backends.mps.is_available() and profile != "h100":

@@ -195,23 +195,51 @@ def test_mfu_counts_flops_both_ways_the_h100_model_matches_upstreams_count(train
     assert model.flops_per_token() / 1e6 == pytest.approx(217.07, abs=0.01)
 
 
-def test_a_gpu_profile_without_cuda_stops_at_once_with_one_line(builtin_cache, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    cache = tmp_path / "h100-cache"
+def gpu_profile_cache(builtin_cache, tmp_path, profile):
+    """The builtin cache's data under a GPU profile's manifest."""
+    cache = tmp_path / f"{profile}-cache"
     (cache / "prepared").mkdir(parents=True)
     for item in (builtin_cache / "prepared").iterdir():
         if item.name != "prepared.json":
             (cache / "prepared" / item.name).symlink_to(item)
     manifest = json.loads((builtin_cache / "prepared" / "prepared.json").read_text())
-    (cache / "prepared" / "prepared.json").write_text(json.dumps(dict(manifest, profile="h100")))
-    result = run_train(ROOT / "train.py", cache)
+    (cache / "prepared" / "prepared.json").write_text(json.dumps(dict(manifest, profile=profile)))
+    return cache
+
+
+def test_a_gpu_profile_without_cuda_stops_at_once_with_one_line(builtin_cache, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_train(ROOT / "train.py", gpu_profile_cache(builtin_cache, tmp_path, "h100"))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
     assert "step " not in result.stdout  # nothing trained
     assert lines[0].startswith("prepare: error: profile h100 needs a GPU, but torch ")
     if torch.version.cuda:
         assert f"CUDA {torch.version.cuda}, needs NVIDIA driver >= " in lines[0]
+
+
+# A rank of torchrun's on a machine with one GPU: torch.cuda is told it has one, as a GPU would (the
+# one thing here that cannot be real); nothing touches CUDA before the check.
+ONE_GPU = """
+import runpy, torch
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_more_ranks_than_gpus_stop_at_once_with_one_line_naming_gpus(builtin_cache, tmp_path):
+    ranks = dict(RANK="0", WORLD_SIZE="8", LOCAL_RANK="0", LOCAL_WORLD_SIZE="8", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT="1")  # what torchrun --nproc_per_node=8 (the golf profile's default) gives rank 0
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(gpu_profile_cache(builtin_cache, tmp_path, "golf")), **ranks)
+    result = subprocess.run([sys.executable, "-c", ONE_GPU], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=ROOT)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0] == ("prepare: error: torchrun started 8 processes on this machine, one per GPU, but torch "
+                        "sees 1 GPU: pass --gpus 1 to experiment.py or loop.py")
+    assert "step " not in result.stdout
 
 
 # ---------------------------------------------------------------------------
