@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository this copy of scr
 SCRIPTS_DIR = ROOT / "scripts"
 TRAIN_FILE = ROOT / "train.py"  # the one file the agent edits
 PREPARE_FILE = ROOT / "prepare.py"  # the fixed protocol, pinned by hash at setup
+TASK_FILE = ROOT / "autoresearch.toml"  # an external task's protocol (scripts/task.py), pinned at setup instead
 LEDGER_FILE = ROOT / "results.tsv"
 RUN_LOG = ROOT / "run.log"  # link to the latest run's log, so upstream's `grep "^val_bpb:" run.log` works
 PROGRESS_PLOT = ROOT / "progress.png"
@@ -183,6 +184,16 @@ def read_json(path):
 
 def sha256_file(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def task_pin_problem(session):
+    """Why an external session's task file no longer matches its pin, as one line naming the way
+    back; None when it matches."""
+    if TASK_FILE.is_file() and sha256_file(TASK_FILE) == session.get("task_sha256"):
+        return None
+    start = session.get("start_commit", "HEAD")[:7]
+    return (f"{TASK_FILE.name} no longer matches the hash pinned at setup: the task is fixed for the session; "
+            f"restore it (git checkout {start} -- {TASK_FILE.name})")
 
 
 def now_iso():

@@ -388,7 +388,7 @@ def experiment_command(args, current):
     if current is None:
         return common.training_command(args.train_command, args.gpus)
     if args.gpus > 1:
-        raise common.Refusal(f"--gpus runs train.py under torchrun; {task.TASK_FILE.name}'s command launches its "
+        raise common.Refusal(f"--gpus runs train.py under torchrun; {common.TASK_FILE.name}'s command launches its "
                              "own processes (put torchrun --nproc_per_node=N in it)")
     return common.training_command(args.train_command) if args.train_command else list(current.command)
 

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from common import (CPU_PROFILES, EVAL_FILES, MODEL_FILE, OUT_DIR, PREPARE_COMMAND, PREPARE_FILE, ROOT, RUNS_DIR, SCRIPTS_DIR,
                     Refusal, eval_dir, is_finite_number, manifest_path, model_path, now_iso, parse_number,
-                    parse_summary, pooled_noise, prepared_dir, read_tail, sha256_file, triage,
+                    parse_summary, pooled_noise, prepared_dir, read_tail, sha256_file, task_pin_problem, triage,
                     is_default_training_command)
 
 # ---------------------------------------------------------------------------
@@ -461,7 +461,6 @@ def is_verified(guards, referee_status):
 
 PIN_HASH_BYTES = 64 << 20
 HOOKS_DIR = ROOT / ".claude" / "hooks"
-TASK_FILE = ROOT / "autoresearch.toml"  # task.TASK_FILE, restated: importing task.py here would cost tomllib
 SETTINGS_FILE = ROOT / ".claude" / "settings.json"
 
 
@@ -517,9 +516,9 @@ def pin_problem(session, data=False):
     naming the way back; None when everything matches."""
     start = session.get("start_commit", "HEAD")[:7]
     if session.get("task") == "external":  # its task file is its protocol (scripts/task.py); no prepare.py
-        if not TASK_FILE.is_file() or sha256_file(TASK_FILE) != session.get("task_sha256"):
-            return (f"{TASK_FILE.name} no longer matches the hash pinned at setup: the task is fixed for the "
-                    f"session; restore it (git checkout {start} -- {TASK_FILE.name})")
+        problem = task_pin_problem(session)
+        if problem:
+            return problem
     elif not PREPARE_FILE.exists() or sha256_file(PREPARE_FILE) != session["prepare_sha256"]:
         return ("prepare.py no longer matches the hash pinned at setup: the protocol is fixed; "
                 f"restore it (git checkout {start} -- prepare.py)")

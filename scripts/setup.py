@@ -231,7 +231,7 @@ def main():
     args = parser.parse_args()
     current = task.load()  # a bad autoresearch.toml is refused before anything changes
     if current and args.golf:
-        raise common.Refusal(f"--golf plays parameter golf on this train.py; {task.TASK_FILE.name} describes another "
+        raise common.Refusal(f"--golf plays parameter golf on this train.py; {common.TASK_FILE.name} describes another "
                              "task (tasks/parameter-golf.toml for the challenge's own repository)")
     if args.noise_runs < 0:
         raise common.Refusal("--noise-runs must be 0 or more")
@@ -261,7 +261,7 @@ def main():
     if current:
         untracked = [name for name in current.editable if not common.git("ls-files", "--", name)]
         if untracked:
-            raise common.Refusal(f"{', '.join(untracked)} (editable in {task.TASK_FILE.name}) is not a tracked file: "
+            raise common.Refusal(f"{', '.join(untracked)} (editable in {common.TASK_FILE.name}) is not a tracked file: "
                                  "git add and commit it first")
     elif not common.PREPARE_FILE.exists():
         raise common.Refusal(f"{common.PREPARE_FILE.name} is missing: the session pins its hash")
@@ -316,7 +316,7 @@ def main():
     golf = f"; parameter golf: artifacts under {runner.GOLF_LIMIT_BYTES:,} bytes" if args.golf else ""
     if current:
         print(f"session {args.tag}: branch {branch} at {start_commit[:7]}, task {current.name} "
-              f"({task.TASK_FILE.name}: {current.metric_name}, {current.direction} is better, self-reported: "
+              f"({common.TASK_FILE.name}: {current.metric_name}, {current.direction} is better, self-reported: "
               f"no referee), budget {current.time_budget:g} s{moved}; next: uv run scripts/experiment.py \"baseline\"")
     else:
         print(f"session {args.tag}: branch {branch} at {start_commit[:7]}, profile {session['profile']}{golf}, "

@@ -56,7 +56,6 @@ from typing import NamedTuple
 
 import common
 
-TASK_FILE = common.ROOT / "autoresearch.toml"
 DIRECTIONS = ("lower", "higher")
 KNOWN_KEYS = {"name", "editable", "command", "time_budget", "timeout", "hidden", "seed_env", "metric",
               "constraints", "columns"}
@@ -162,7 +161,7 @@ def last_number(pattern, text):
 def load(path=None):
     """The task of this repository (a Task), or None when it has no autoresearch.toml (the built-in
     protocol). A file that is not a valid task is a common.Refusal naming the field."""
-    path = Path(path or TASK_FILE)
+    path = Path(path or common.TASK_FILE)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -285,12 +284,10 @@ def compile_pattern(text, field, bad):
 
 def require_unchanged(session):
     """The task of an external session, refused when autoresearch.toml changed since setup (or vanished)."""
-    current = load()
-    if current is None or current.sha256 != session.get("task_sha256"):
-        start = session.get("start_commit", "HEAD")[:7]
-        raise common.Refusal(f"{TASK_FILE.name} no longer matches the hash pinned at setup: the task is fixed for "
-                             f"the session; restore it (git checkout {start} -- {TASK_FILE.name})")
-    return current
+    problem = common.task_pin_problem(session)
+    if problem:
+        raise common.Refusal(problem)
+    return load()
 
 
 def session_task(session):
