@@ -57,7 +57,8 @@ def test_cpu_baseline_run_learns_and_prints_the_summary_block(builtin_cache, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt2"]
     assert json.loads((tmp_path / "model.json").read_text())["batch_size"] == 32
     scored = referee(tmp_path / "model.pt2", builtin_cache)
-    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert scored.returncode == 0 and re.fullmatch(r"val_bpb: \d+\.\d{6}\nscore_seconds: [\d.]+\n", scored.stdout), \
+        scored.stdout + scored.stderr
     assert float(re.search(r"^val_bpb: (\S+)$", scored.stdout, re.MULTILINE).group(1)) == pytest.approx(val_bpb, abs=2e-6)
 
 
@@ -69,9 +70,8 @@ def test_with_the_evaluation_data_hidden_train_prints_no_val_bpb_and_saves_the_m
     values = summary(result.stdout)
     assert "val_bpb" not in values and values["evaluation"] == "referee"
     assert not re.search(r"^val_bpb:", result.stdout, re.MULTILINE)  # the helper appends the referee's line
-    scored = referee(tmp_path / "model.pt2", builtin_cache)
-    assert scored.returncode == 0 and re.fullmatch(r"val_bpb: \d+\.\d{6}\nscore_seconds: [\d.]+\n", scored.stdout), \
-        scored.stdout + scored.stderr
+    # saved all the same, for the referee (which the baseline test above runs on the same kind of file)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix) == ["model.json", "model.pt2"]
 
 
 def referee(model, cache, *args):
@@ -264,28 +264,3 @@ def test_a_model_that_looks_ahead_is_invalid(train, capsys):
         prepare.evaluate_bpb(PeekingModel(prepare.VOCAB_SIZE), batch_size=4)
     assert exit_info.value.code == 4
     assert capsys.readouterr().err.startswith("invalid: the model is not causal")
-
-
-def tiny_model(train):
-    import prepare
-    torch.manual_seed(0)
-    config = train.GPTConfig(sequence_len=prepare.MAX_SEQ_LEN, vocab_size=prepare.VOCAB_SIZE, n_layer=2, n_head=1,
-                             n_embd=64, window_pattern="SL")
-    model = train.GPT(config)
-    model.init_weights()
-    torch.nn.init.normal_(model.lm_head.weight, std=0.05)  # give it opinions, so scores differ from uniform
-    return model.eval()
-
-
-def test_the_referee_rescores_a_saved_model_to_the_same_number(train, builtin_cache, tmp_path):
-    import prepare
-    model = tiny_model(train)
-    in_process = prepare.evaluate_bpb(model, batch_size=8)
-    prepare.save_for_referee(model, tmp_path / "model.pt2", batch_size=8)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt2"]
-    result = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "score", str(tmp_path / "model.pt2")],
-                            capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache)))
-    assert result.returncode == 0, result.stderr[-2000:]
-    scored = float(re.search(r"^val_bpb: (\S+)$", result.stdout, re.MULTILINE).group(1))
-    assert scored == pytest.approx(in_process, abs=2e-6)
