@@ -752,7 +752,7 @@ def detect_device():
         ranks, present = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
         if ranks > present:
             fail(f"torchrun started {ranks} processes on this machine, one per GPU, but torch sees {present} "
-                 f"GPU{'s' * (present != 1)}: pass --gpus {present} to experiment.py or loop.py")
+                 f"GPU{'s' * (present != 1)}: pass --gpus {present} to setup.py, experiment.py or loop.py")
         return torch.device("cuda")
     profile = manifest()["profile"]
     if torch.backends.mps.is_available() and profile != "h100":

@@ -678,6 +678,12 @@ def training_command(option=None, gpus=1):
     return shlex.split(text) if text else default_training_command(gpus)
 
 
+def session_gpus(session, manifest):
+    """GPUs per training run of train.py in this session: what setup.py --gpus recorded, else the
+    profile's (golf: 8, the challenge's; every other profile 1)."""
+    return int((session or {}).get("gpus") or (manifest or {}).get("gpus", 1))
+
+
 def default_training_command(gpus=1):
     """This Python running train.py; on several GPUs under torchrun (torch.distributed.run, from the
     same environment), one process per GPU, which train.py runs as DistributedDataParallel ranks."""

@@ -279,7 +279,7 @@ def run_experiment(args):
     session = common.require_session()
     changed, manifest = check_preconditions(session)
     current = task.session_task(session)
-    args.gpus = gpus_of(args, manifest, current)
+    args.gpus = gpus_of(args, session, manifest, current)
     rows = common.read_ledger()  # a corrupt ledger is refused now, not after an hour of training
     timeout = args.timeout or (current.timeout if current else runner.default_timeout(manifest))
     seed = args.seed if args.seed is not None else int(os.environ.get("AUTORESEARCH_SEED", common.DEFAULT_SEED))
@@ -373,13 +373,14 @@ def run_experiment(args):
     return finish(summary, pending, run_dir)
 
 
-def gpus_of(args, manifest, current):
-    """--gpus, else the profile's GPU count (golf: 8, the challenge's) for train.py's own default
-    command, else 1: a custom command or an external task launches its own processes."""
+def gpus_of(args, session, manifest, current):
+    """--gpus, else the session's GPU count (setup.py --gpus, else the profile's: golf 8, the
+    challenge's) for train.py's own default command, else 1: a custom command or an external task
+    launches its own processes."""
     if args.gpus is not None:
         return args.gpus
     custom = args.train_command or os.environ.get("AUTORESEARCH_TRAIN_COMMAND") or current is not None
-    return 1 if custom else int((manifest or {}).get("gpus", 1))
+    return 1 if custom else common.session_gpus(session, manifest)
 
 
 def experiment_command(args, current):
@@ -422,7 +423,7 @@ def confirm(args):
                              f"{commit[:7]}: git checkout it, or discard")
     rows = common.read_ledger()
     external = task.session_task(session)
-    args.gpus = gpus_of(args, manifest, external)
+    args.gpus = gpus_of(args, session, manifest, external)
     timeout = args.timeout or (external.timeout if external else runner.default_timeout(manifest))
     seed = runner.next_seed({sample["seed"] for sample in summary["samples"]}, summary["seed"] + 1)
     run_dir = runner.new_run_dir(commit)

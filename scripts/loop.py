@@ -266,6 +266,7 @@ class Loop:
             args += ["--no-sandbox"] if self.options.get("no_sandbox") else []
             args += ["--golf"] if self.options.get("golf") else []
             args += ["--track", self.options["track"]] if self.options.get("track") else []
+            args += ["--gpus", str(self.options["gpus"])] if self.options.get("gpus") else []  # the noise runs' too
             say(helper("setup.py", *args)[1])
         return NOISE
 

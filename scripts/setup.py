@@ -30,7 +30,7 @@ so every result is self-reported. The noise runs run the task's command.
 
 Usage:
     uv run scripts/setup.py [--tag TAG] [--deadline HOURS|ISO-TIME] [--max-experiments N]
-                            [--noise-runs N] [--no-sandbox] [--no-referee] [--new-session]
+                            [--noise-runs N] [--gpus N] [--no-sandbox] [--no-referee] [--new-session]
     uv run scripts/setup.py --measure-noise [--noise-runs N]
 """
 
@@ -131,7 +131,7 @@ def measure_noise(session, commit, count, command=None, timeout=None):
         manifest = common.require_manifest()
         timeout = timeout or runner.default_timeout(manifest)
         if command is None and not os.environ.get("AUTORESEARCH_TRAIN_COMMAND"):
-            ranks = int(manifest.get("gpus", 1))  # golf's 8 GPUs: the noise is the experiments' own
+            ranks = common.session_gpus(session, manifest)  # golf's 8 GPUs: the noise is the experiments' own
         command = command or common.training_command(gpus=ranks)
     finished, problem = 0, None
     for _ in range(count):
@@ -211,6 +211,9 @@ def main():
     parser.add_argument("--noise-runs", type=int, metavar="N", default=2,
                         help="re-run the starting commit N times under other seeds to measure the noise "
                         "(default 2; 0 skips it and the default noise applies until --measure-noise)")
+    parser.add_argument("--gpus", type=int, metavar="N",
+                        help="GPUs per training run for the whole session, noise runs included (default: the "
+                        "profile's, 8 for golf, else 1); N > 1 trains under torchrun")
     parser.add_argument("--measure-noise", action="store_true",
                         help="in the current session, re-run HEAD --noise-runs more times and update the noise")
     parser.add_argument("--no-sandbox", action="store_true",
@@ -235,13 +238,18 @@ def main():
                              "task (tasks/parameter-golf.toml for the challenge's own repository)")
     if args.noise_runs < 0:
         raise common.Refusal("--noise-runs must be 0 or more")
+    if args.gpus is not None and args.gpus < 1:
+        raise common.Refusal("--gpus must be at least 1")
+    if args.gpus is not None and current:
+        raise common.Refusal(f"--gpus runs train.py under torchrun; {common.TASK_FILE.name}'s command launches its "
+                             "own processes (put torchrun --nproc_per_node=N in it)")
     if args.golf and args.no_referee:
         raise common.Refusal("--golf is scored by the referee (the int8+zlib round trip of the saved model): "
                              "it cannot run with --no-referee")
     if args.measure_noise:
-        if args.no_sandbox or args.no_referee or args.new_session or args.golf:
-            raise common.Refusal("--measure-noise runs under the session's own protections and task: it takes no "
-                                 "--no-sandbox, --no-referee, --new-session or --golf")
+        if args.no_sandbox or args.no_referee or args.new_session or args.golf or args.gpus is not None:
+            raise common.Refusal("--measure-noise runs under the session's own protections, task and GPUs: it takes "
+                                 "no --no-sandbox, --no-referee, --new-session, --golf or --gpus")
         if args.noise_runs < 1:
             raise common.Refusal("--measure-noise needs --noise-runs 1 or more")
         return measure_noise_again(args.noise_runs)
@@ -305,6 +313,7 @@ def main():
         "noise_bpb": None,
         "noise_runs": [],
         "track": track,  # mlflow, wandb or None
+        "gpus": args.gpus,  # GPUs per run of train.py when given; None: the profile's (common.session_gpus)
     }
     if current:  # an external task: its file is the protocol, its script the only judge
         session.update(data_pins={}, profile=None, dataset=None, referee="off",

@@ -163,3 +163,40 @@ def test_experiment_with_two_gpus_trains_two_ranks_under_the_helpers(tmp_path, b
     assert summary_json["protections"]["train_command"] == "default"
     if summary_json["protections"]["sandbox"] == "on":  # bubblewrap present (CI requires it)
         assert summary_json["verified"] is True and summary_json["referee"] == "verified"
+
+
+# train.py's summary as each rank sees it, without the training: rank 0 prints, as train.py's does.
+RANKED_FAKE_TRAIN = """import os
+if os.environ.get("RANK", "0") == "0":
+    print("---")
+    print("val_bpb:          1.500000")
+    print("training_seconds: 0.1")
+    print(f"world_size:       {os.environ.get('WORLD_SIZE', '1')}")
+"""
+
+
+def test_setup_gpus_gives_the_noise_runs_and_every_experiment_that_many_ranks(tmp_path, builtin_cache):
+    from conftest import copy_project
+    repo = copy_project(tmp_path)
+    (repo / "train.py").write_text(RANKED_FAKE_TRAIN)
+    subprocess.run(["git", "commit", "-qam", "train.py that reports its ranks"], cwd=repo, check=True)
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache))
+    for key in ("AUTORESEARCH_TRAIN_COMMAND", "AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE", "RANK"):
+        env.pop(key, None)
+
+    def helper(*args):
+        return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+    refused = helper("scripts/setup.py", "--tag", "g0", "--gpus", "0")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == ["--gpus must be at least 1"], \
+        refused.stderr
+    setup = helper("scripts/setup.py", "--tag", "g2", "--gpus", "2", "--noise-runs", "1", "--no-referee")
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    session = json.loads((repo / "runs" / "session.json").read_text())
+    assert session["gpus"] == 2
+    (noise,) = session["noise_runs"]
+    result = helper("scripts/experiment.py", "baseline")  # no --gpus: the session's two
+    assert result.returncode == 0 and result.stdout.startswith("0002 "), result.stdout + result.stderr
+    for run in (noise["run"], "0002"):
+        (run_dir,) = (repo / "runs").glob(f"{run[:4]}-*")
+        assert re.search(r"^world_size:\s+2$", (run_dir / "run.log").read_text(), re.M), run_dir

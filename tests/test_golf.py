@@ -105,12 +105,14 @@ def test_the_golf_profiles_are_the_challenges_and_golf_trains_on_its_eight_gpus_
     assert (golf["vocab_size"], golf["max_seq_len"], golf["time_budget"], golf["gpus"]) == (1024, 1024, 600, 8)
     assert cpu["vocab_size"] == 1024 and "gpus" not in cpu and "golf-cpu" in prepare.CPU_PROFILES
 
-    def gpus(option=None, command=None, manifest=None, external=None):
-        return experiment.gpus_of(argparse.Namespace(gpus=option, train_command=command), manifest, external)
+    def gpus(option=None, command=None, manifest=None, external=None, session=None):
+        return experiment.gpus_of(argparse.Namespace(gpus=option, train_command=command), session, manifest, external)
 
     monkeypatch.delenv("AUTORESEARCH_TRAIN_COMMAND", raising=False)
     assert gpus(manifest={"profile": "golf", "gpus": 8}) == 8  # torchrun, one rank per GPU
     assert gpus(option=1, manifest={"profile": "golf", "gpus": 8}) == 1  # a smaller machine says so
+    assert gpus(session={"gpus": 2}, manifest={"profile": "golf", "gpus": 8}) == 2  # or says so once, at setup
+    assert gpus(option=1, session={"gpus": 2}, manifest={"gpus": 8}) == 1
     assert gpus(manifest={"profile": "h100"}) == gpus(manifest=None) == 1
     assert gpus(command="python my_train.py", manifest={"gpus": 8}) == 1  # a custom command runs its own
     assert gpus(manifest={"gpus": 8}, external=object()) == 1  # so does an external task's

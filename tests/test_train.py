@@ -238,7 +238,7 @@ def test_more_ranks_than_gpus_stop_at_once_with_one_line_naming_gpus(builtin_cac
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0] == ("prepare: error: torchrun started 8 processes on this machine, one per GPU, but torch "
-                        "sees 1 GPU: pass --gpus 1 to experiment.py or loop.py")
+                        "sees 1 GPU: pass --gpus 1 to setup.py, experiment.py or loop.py")
     assert "step " not in result.stdout
 
 
