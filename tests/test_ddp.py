@@ -137,16 +137,23 @@ except ValueError as error:
     assert result.stdout.strip() == "rank 2 is outside a world of 2"
 
 
-def test_experiment_with_two_gpus_trains_two_ranks_under_the_helpers(tmp_path, builtin_cache):
+def helpers_repo(tmp_path, cache, timeout=500):
+    """A fresh project repository and a function that runs one of its helpers there, with
+    experiment.py's default training command (no test overrides of the command, seed or profile)."""
     from conftest import copy_project
     repo = copy_project(tmp_path)
-    env = dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache))
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
     for key in ("AUTORESEARCH_TRAIN_COMMAND", "AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE", "RANK"):
         env.pop(key, None)
 
     def helper(*args):
-        return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=500)
+        return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    return repo, helper
 
+
+def test_experiment_with_two_gpus_trains_two_ranks_under_the_helpers(tmp_path, builtin_cache):
+    repo, helper = helpers_repo(tmp_path, builtin_cache)
     setup = helper("scripts/setup.py", "--tag", "ddp", "--noise-runs", "0")
     assert setup.returncode == 0, setup.stdout + setup.stderr
     for refused in (["--gpus", "0"], ["--gpus", "2", "--train-command", "python train.py"]):
@@ -176,17 +183,9 @@ if os.environ.get("RANK", "0") == "0":
 
 
 def test_setup_gpus_gives_the_noise_runs_and_every_experiment_that_many_ranks(tmp_path, builtin_cache):
-    from conftest import copy_project
-    repo = copy_project(tmp_path)
+    repo, helper = helpers_repo(tmp_path, builtin_cache, timeout=300)
     (repo / "train.py").write_text(RANKED_FAKE_TRAIN)
     subprocess.run(["git", "commit", "-qam", "train.py that reports its ranks"], cwd=repo, check=True)
-    env = dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache))
-    for key in ("AUTORESEARCH_TRAIN_COMMAND", "AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE", "RANK"):
-        env.pop(key, None)
-
-    def helper(*args):
-        return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-
     refused = helper("scripts/setup.py", "--tag", "g0", "--gpus", "0")
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == ["--gpus must be at least 1"], \
         refused.stderr
