@@ -186,10 +186,12 @@ def sha256_file(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def task_pin_problem(session):
-    """Why an external session's task file no longer matches its pin, as one line naming the way
-    back; None when it matches."""
-    if TASK_FILE.is_file() and sha256_file(TASK_FILE) == session.get("task_sha256"):
+def task_pin_problem(session, sha256=None):
+    """Why an external session's task file (with this sha256, when already hashed) no longer matches
+    its pin, as one line naming the way back; None when it matches."""
+    if sha256 is None and TASK_FILE.is_file():
+        sha256 = sha256_file(TASK_FILE)
+    if sha256 is not None and sha256 == session.get("task_sha256"):
         return None
     start = session.get("start_commit", "HEAD")[:7]
     return (f"{TASK_FILE.name} no longer matches the hash pinned at setup: the task is fixed for the session; "

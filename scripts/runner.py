@@ -307,8 +307,8 @@ def _mounts_sorted(mounts):
 
 def bwrap_command(command, readable=(), writable=(), hidden=(), chdir=ROOT, masked=()):
     """`command` wrapped in bwrap with only `readable` (read-only) and `writable` paths visible,
-    `hidden` folders covered by an empty tmpfs, `masked` files covered by /dev/null (on a mount without devices, so opening one fails),
-    the system and Python read-only, no network."""
+    `hidden` folders covered by an empty tmpfs, `masked` files covered by /dev/null (on a mount
+    without devices, so opening one fails), the system and Python read-only, no network."""
     mounts = []
     for path in SYSTEM_PATHS:
         if os.path.islink(path):

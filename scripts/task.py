@@ -284,10 +284,11 @@ def compile_pattern(text, field, bad):
 
 def require_unchanged(session):
     """The task of an external session, refused when autoresearch.toml changed since setup (or vanished)."""
-    problem = common.task_pin_problem(session)
+    current = load()  # read and hashed once: what is checked is what runs
+    problem = common.task_pin_problem(session, current.sha256 if current else None)
     if problem:
         raise common.Refusal(problem)
-    return load()
+    return current
 
 
 def session_task(session):

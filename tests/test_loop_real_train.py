@@ -1,8 +1,8 @@
 """The headless loop end to end on the real prepare.py and train.py: the cpu profile, the offline
 corpus (prepared once by conftest's builtin_cache with a 5-second budget), the random proposer,
 the referee and the sandbox on; then what the helpers recorded for the baseline, and status and
-plot on that ledger. The one session on the real train.py that the suite pays for: about a minute
-on 2 cores."""
+plot on that ledger: the one real-train session for both the loop and the helpers. About a
+minute on 2 cores."""
 
 import json
 import subprocess
