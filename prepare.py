@@ -60,21 +60,25 @@ PROFILES = {
     # A 24 GB consumer card (RTX 3090/4090 class): half the context, a quarter of the eval.
     "gpu": dict(max_seq_len=1024, time_budget=300, eval_tokens=10 * 2**19, vocab_size=8192),
     # Two CPU cores: a baseline trains and evaluates in about two minutes and still learns. Its budget
-    # counts CPU seconds of the training process (training_clock), so load on the machine changes
-    # how long a run takes, not how much it trains.
-    "cpu": dict(max_seq_len=256, time_budget=90, eval_tokens=2**17, vocab_size=4096),
+    # is `train_tokens` (64 steps of the baseline's batch), not time: the same code, seed and tokens
+    # train the same model however busy the machine is, where a clock of any kind, CPU time included,
+    # let the machine's drift change the step count and the schedule (0.02 to 0.09 val_bpb between
+    # seeds on this 2-core VM, against 0.011 on tokens). The helper measures the CPU time of the whole
+    # process tree and stops a run past a multiple of what the baseline used (runner.TOKEN_CEILING);
+    # `time_budget` bounds the runs before that is measured, and sets the timeout.
+    "cpu": dict(max_seq_len=256, time_budget=90, train_tokens=2**19, eval_tokens=2**17, vocab_size=4096),
     # Parameter golf (setup.py --golf), after OpenAI's challenge: its sp1024 vocabulary and 1024-token
     # rows, 10 minutes of training on 8 H100s (`gpus`: experiment.py's default --gpus on this profile).
     # val_bpb does not depend on the tokenizer, so scores compare in kind, not on the official data.
     "golf": dict(max_seq_len=1024, time_budget=600, eval_tokens=40 * 2**19, vocab_size=1024, gpus=8),
     # The same rules on two CPU cores: the cpu profile with the challenge's vocabulary, a baseline with
     # its int8+zlib round trip in about two minutes.
-    "golf-cpu": dict(max_seq_len=256, time_budget=90, eval_tokens=2**17, vocab_size=1024),
+    "golf-cpu": dict(max_seq_len=256, time_budget=90, train_tokens=2**19, eval_tokens=2**17, vocab_size=1024),
 }
-CPU_PROFILES = ("cpu", "golf-cpu")  # trained on the CPU, the budget counted in CPU seconds (training_clock)
+CPU_PROFILES = ("cpu", "golf-cpu")  # trained on the CPU, for train_tokens; compute counted in CPU seconds
 PROFILE_HELP = ("h100 (seq 2048, 300 s, 40x2^19 eval tokens, vocab 8192), gpu (seq 1024, 300 s), cpu (seq 256, "
-                "90 CPU seconds); for parameter golf: golf (seq 1024, 600 s on 8 GPUs, vocab 1024), golf-cpu "
-                "(the cpu profile with vocab 1024)")
+                "2^19 training tokens); for parameter golf: golf (seq 1024, 600 s on 8 GPUs, vocab 1024), "
+                "golf-cpu (the cpu profile with vocab 1024)")
 
 BOS_TOKEN = "<|bos|>"  # every packed row starts with it; it has byte length 0, so bpb ignores it
 # GPT-4's split pattern with numbers grouped by at most two digits (a small vocab wastes
@@ -90,7 +94,7 @@ CLIMBMIX_LAST_SHARD = 6542  # shard_06542 is the pinned validation shard (as ups
 CLIMBMIX_TEST_SHARD = 6541  # held out as the test split; training shards count up from 0
 
 DEFAULT_SEED = 42
-PROTOCOL_CONSTANTS = {"MAX_SEQ_LEN": "max_seq_len", "TIME_BUDGET": "time_budget",
+PROTOCOL_CONSTANTS = {"MAX_SEQ_LEN": "max_seq_len", "TIME_BUDGET": "time_budget", "TRAIN_TOKENS": "train_tokens",
                       "EVAL_TOKENS": "eval_tokens", "VOCAB_SIZE": "vocab_size"}
 
 
@@ -569,7 +573,7 @@ def load_documents(args):
 
 def prepare(args):
     constants = dict(PROFILES[args.profile])
-    for key in ("time_budget", "eval_tokens"):
+    for key in ("time_budget", "train_tokens", "eval_tokens"):
         if getattr(args, key) is not None:
             constants[key] = getattr(args, key)
     if constants["eval_tokens"] % constants["max_seq_len"]:
@@ -611,7 +615,14 @@ def prepare(args):
         shutil.rmtree(building, ignore_errors=True)
     print(f"prepared {args.dataset} for profile {args.profile} in {prepared_dir()}: "
           f"{counts['train']:,} train tokens, eval {constants['eval_tokens']:,} tokens, "
-          f"seq {constants['max_seq_len']}, budget {constants['time_budget']}s")
+          f"seq {constants['max_seq_len']}, budget {budget_text(constants)}")
+
+
+def budget_text(constants):
+    """The training budget as a reader says it: "524,288 tokens" on the cpu profiles, "300 s" on a GPU."""
+    if constants.get("train_tokens"):
+        return f"{constants['train_tokens']:,} tokens"
+    return f"{constants['time_budget']}s"
 
 
 def parse_args(argv=None):
@@ -627,13 +638,19 @@ def parse_args(argv=None):
     parser.add_argument("--retries", type=int, default=5, help="download retries per shard (default 5)")
     parser.add_argument("--backoff", type=float, default=2.0,
                         help="seconds before the first retry; doubles each time (default 2)")
-    parser.add_argument("--time-budget", type=int, help="override the profile's training seconds (smoke tests)")
+    parser.add_argument("--time-budget", type=int, help="override the profile's training seconds (smoke tests; on "
+                                                         "the cpu profiles, the compute before the baseline is measured)")
+    parser.add_argument("--train-tokens", type=int, help="override the cpu profiles' training tokens (smoke tests)")
     parser.add_argument("--eval-tokens", type=int, help="override the profile's evaluation tokens (smoke tests)")
     args = parser.parse_args(argv)
     if args.dataset not in ("climbmix", "builtin") and not args.dataset.startswith("local:"):
         fail(f"unknown dataset {args.dataset!r}: use climbmix, builtin or local:PATH")
     if args.profile == "auto":
         args.profile = detect_profile()
+    if args.train_tokens is not None and args.profile not in CPU_PROFILES:
+        fail(f"--train-tokens is for the cpu profiles; {args.profile} trains for its time budget (--time-budget)")
+    if args.train_tokens is not None and args.train_tokens < 1:
+        fail(f"--train-tokens must be at least 1, not {args.train_tokens}")
     return args
 
 
@@ -676,10 +693,11 @@ def evaluation_available():
 
 
 def __getattr__(name):
-    """MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS and VOCAB_SIZE come from the prepared data;
-    `from prepare import MAX_SEQ_LEN` fails at once, with the command to run, when there is none."""
+    """MAX_SEQ_LEN, TIME_BUDGET, TRAIN_TOKENS (None on the GPU profiles), EVAL_TOKENS and VOCAB_SIZE
+    come from the prepared data; `from prepare import MAX_SEQ_LEN` fails at once, with the command to
+    run, when there is none."""
     if name in PROTOCOL_CONSTANTS:
-        return manifest()[PROTOCOL_CONSTANTS[name]]
+        return manifest().get(PROTOCOL_CONSTANTS[name])
     if name == "PROFILE":
         return manifest()["profile"]
     raise AttributeError(f"module 'prepare' has no attribute {name!r}")
@@ -779,9 +797,9 @@ def cuda_problem():
 
 
 def training_clock():
-    """Seconds on the clock the training budget is charged to. The cpu profile counts the CPU time
-    of the process (all its threads), so a machine busy with other work trains the same number of
-    steps, only slower; on a GPU, wall time, as upstream."""
+    """Seconds on the clock train.py's training time is counted on: CPU time of the process (all its
+    threads) on the cpu profiles, whose budget is tokens (or, in a cache prepared without
+    train_tokens, these seconds); wall time on a GPU, whose budget it is, as upstream."""
     return time.process_time() if manifest()["profile"] in CPU_PROFILES else time.perf_counter()
 
 

@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 # prepare first: it sets OpenMP's wait policy, which must be in place before torch loads OpenMP
-from prepare import (CPU_PROFILES, MAX_SEQ_LEN, PROFILE, TIME_BUDGET, VOCAB_SIZE, detect_device, evaluate_and_save,
+from prepare import (CPU_PROFILES, MAX_SEQ_LEN, PROFILE, TIME_BUDGET, TRAIN_TOKENS, VOCAB_SIZE, detect_device, evaluate_and_save,
                      make_dataloader, peak_flops, run_seed, training_clock)
 
 import torch
@@ -446,6 +446,12 @@ def end_distributed():
     dist.destroy_process_group()
 
 
+def budget_left(step, training_seconds):
+    if TRAIN_TOKENS:
+        return f"{max(TRAIN_TOKENS - step * TOTAL_BATCH_SIZE, 0):,} tokens"
+    return f"{max(TIME_BUDGET - training_seconds, 0):.0f}s"
+
+
 def main():
     started = time.time()
     seed = run_seed()
@@ -495,11 +501,13 @@ def main():
     print(f"model: depth {DEPTH}, width {width}, heads {config.n_head}, windows {model.windows}, "
           f"{total_params / 1e6:.1f}M parameters ({dense_params / 1e6:.1f}M outside embeddings)")
     ranks = f" x {world_size} ranks" if world_size > 1 else ""
-    print(f"batch: {TOTAL_BATCH_SIZE:,} tokens per step = {accumulation} x {device_batch_size} x {MAX_SEQ_LEN}{ranks}; budget {TIME_BUDGET}s", flush=True)
+    budget = f"{TRAIN_TOKENS:,} tokens" if TRAIN_TOKENS else f"{TIME_BUDGET}s"
+    print(f"batch: {TOTAL_BATCH_SIZE:,} tokens per step = {accumulation} x {device_batch_size} x {MAX_SEQ_LEN}{ranks}; budget {budget}", flush=True)
 
     loader = make_dataloader(device_batch_size, device, seed=seed, rank=rank, world_size=world_size)
     inputs, targets, epoch = next(loader)
-    # The budget is charged on prepare's clock: CPU time on the cpu profile, wall time on a GPU.
+    # The budget: TRAIN_TOKENS on the cpu profiles (the same work on a busy machine as on a quiet one),
+    # TIME_BUDGET seconds of wall time on a GPU, as upstream. The helper measures the compute either way.
     training_seconds, training_wall_seconds, step, smooth_loss = 0.0, 0.0, 0, None
     while True:
         step_start, step_wall_start = training_clock(), time.time()
@@ -512,7 +520,7 @@ def main():
                 (loss / accumulation).backward()
             last_loss = loss.detach()
             inputs, targets, epoch = next(loader)
-        progress = min(training_seconds / TIME_BUDGET, 1.0)
+        progress = min(step * TOTAL_BATCH_SIZE / TRAIN_TOKENS if TRAIN_TOKENS else training_seconds / TIME_BUDGET, 1.0)
         multiplier = learning_rate_multiplier(progress)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
@@ -538,13 +546,13 @@ def main():
         if step % 10 == 0 or step <= 3:
             print(f"step {step:05d} | loss {smooth_loss:.4f} | lr x{multiplier:.2f} | {step_wall_seconds * 1000:.0f} ms "
                   f"| {tokens_per_second:,.0f} tok/s | mfu {mfu:.1f}% | epoch {epoch} "
-                  f"| {max(TIME_BUDGET - training_seconds, 0):.0f}s left", flush=True)
+                  f"| {budget_left(step, training_seconds)} left", flush=True)
         if step == 1:
             # Python's cyclic GC stalls for hundreds of ms at random; nothing here needs it.
             gc.collect()
             gc.freeze()
             gc.disable()
-        if training_seconds >= TIME_BUDGET:
+        if step * TOTAL_BATCH_SIZE >= TRAIN_TOKENS if TRAIN_TOKENS else training_seconds >= TIME_BUDGET:
             break
 
     timed_steps = max(step - untimed_steps, 1)

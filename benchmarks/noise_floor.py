@@ -7,20 +7,20 @@ train.py, each in the sandbox and scored by the referee. Then the same again (a 
 --busy processes spinning on the CPU. Prints each run's val_bpb, steps and compute, both spreads
 (the pooled standard deviation setup records as noise_bpb) and their ratio.
 
-The cpu profile's budget is CPU time (train.py's clock and the helper's measure), so a loaded
-machine should train the same steps, only slower by the wall clock. Target: the loaded spread
-within 1.5x of the quiet one, and below 0.02 val_bpb. It takes a while: six runs of the profile's
-budget (90 s of CPU each, about three quarters of a minute on two idle cores, twice that under the
-load) plus evaluation, export and the referee.
+The cpu profile's budget is training tokens (prepare.py's train_tokens), so the same seed trains
+the same steps with the same schedule on a loaded machine, only slower by the wall clock; the
+helper measures the CPU time and stops a run past 1.5x the baseline's. Target: the loaded spread
+within 1.5x of the quiet one, and below 0.02 val_bpb. Six runs of the profile's 2^19 tokens
+(about 90 s of CPU each, three quarters of a minute of wall on two idle cores, twice that under
+the load) plus export and the referee. It also prints how close the loaded runs came to the
+quiet session's compute ceiling.
 
-Measured 2026-12-01 on the shared 2-core machine (load average 8-13 from other work even when
-"quiet"), cpu profile defaults (90 s, 2^17 eval tokens), 32 min in all: quiet 0.0127 (seeds 43, 44,
-42: 1.6702, 1.6711, 1.6927; 63, 63, 66 steps), with 2 busy processes 0.0197 (1.6721, 1.6738,
-1.7070; 63, 62, 62 steps), ratio 1.55. The same seed moves by 0.002 to 0.014 under load; the
-spread is mostly seed 42 against the others, and a spread of three runs is itself uncertain.
+Measured before the token budget (2026-12-01, 90 CPU-s budget): quiet 0.0127, loaded 0.0197,
+ratio 1.55, and on the idle machine an hour later quiet 0.088 (39 to 63 steps for the same
+CPU-seconds). Figures for the token budget are in the closing note of issue 11.
 
 Usage:
-    uv run benchmarks/noise_floor.py [--time-budget SECONDS] [--eval-tokens N] [--busy N]
+    uv run benchmarks/noise_floor.py [--train-tokens N] [--eval-tokens N] [--busy N]
 """
 
 import argparse
@@ -66,7 +66,7 @@ def measure(repo, env, tag):
     helper(repo, env, "scripts/decide.py", "keep")
     seconds = time.monotonic() - started
     session = json.loads((repo / "runs" / "session.json").read_text())
-    runs = []
+    runs = []  # (the ceiling: runner.TOKEN_CEILING x the most compute of these runs)
     for sample in session["noise_runs"]:
         summary = json.loads(next((repo / "runs").glob(f"{sample['run']}/summary.json")).read_text())
         runs.append({"seed": sample["seed"], "val_bpb": sample["val_bpb"], "steps": summary["metrics"].get("num_steps"),
@@ -84,8 +84,8 @@ def report(label, noise, runs, seconds):
 
 def main():
     parser = argparse.ArgumentParser(description="The cpu profile's noise floor, quiet and under load.")
-    parser.add_argument("--time-budget", type=int, help="prepare with this training budget (default: the "
-                        "cpu profile's)")
+    parser.add_argument("--train-tokens", type=int, help="prepare with this training budget in tokens "
+                        "(default: the cpu profile's)")
     parser.add_argument("--eval-tokens", type=int, help="prepare with this many evaluation tokens (default: "
                         "the cpu profile's)")
     parser.add_argument("--busy", type=int, default=2, help="busy processes for the loaded measurement (default 2)")
@@ -97,13 +97,13 @@ def main():
         for key in ("AUTORESEARCH_TRAIN_COMMAND", "AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE", "AUTORESEARCH_DATASET"):
             env.pop(key, None)
         prepare = ["prepare.py", "--dataset", "builtin", "--profile", "cpu"]
-        prepare += ["--time-budget", str(args.time_budget)] if args.time_budget else []
+        prepare += ["--train-tokens", str(args.train_tokens)] if args.train_tokens else []
         prepare += ["--eval-tokens", str(args.eval_tokens)] if args.eval_tokens else []
         started = time.monotonic()
         helper(repo, env, *prepare)
         manifest = json.loads((cache / "prepared" / "prepared.json").read_text())
         print(f"prepared the builtin corpus for the cpu profile in {time.monotonic() - started:.0f} s: budget "
-              f"{manifest['time_budget']} s of CPU time, {manifest['eval_tokens']} eval tokens", flush=True)
+              f"{manifest['train_tokens']:,} tokens, {manifest['eval_tokens']} eval tokens", flush=True)
 
         quiet = measure(repo, env, "quiet")
         report("quiet", *quiet)
@@ -118,6 +118,10 @@ def main():
         ratio = loaded[0] / quiet[0] if quiet[0] else float("inf")
         target = "met" if ratio <= 1.5 and loaded[0] < 0.02 else "NOT met"
         print(f"spread under load / quiet spread = {ratio:.2f} (target <= 1.5 and loaded < 0.02: {target})")
+        quiet_most = max(run["cpu_s"] for run in quiet[1])
+        loaded_most = max(run["cpu_s"] for run in loaded[1])
+        print(f"compute: the loaded runs used up to {loaded_most / quiet_most:.2f}x the most of the quiet ones "
+              f"({loaded_most:.1f} against {quiet_most:.1f} CPU-s; a session stops a run past 1.5x its baseline's)")
 
 
 if __name__ == "__main__":

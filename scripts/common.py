@@ -110,6 +110,14 @@ def load_manifest():
         raise Refusal(f"{manifest_path()} is unreadable ({error}): run {PREPARE_COMMAND} again")
 
 
+def budget_text(protocol):
+    """The training budget of a manifest or session, as a reader says it: "524,288 tokens" on the
+    cpu profiles, "300 s" on a time budget."""
+    if protocol.get("train_tokens"):
+        return f"{protocol['train_tokens']:,} tokens"
+    return f"{protocol.get('time_budget')} s"
+
+
 def require_manifest():
     manifest = load_manifest()
     if manifest is None:

@@ -9,7 +9,7 @@ that ends every process of the run with it, a private HOME and /tmp, the reposit
 the train data read-only, the evaluation data hidden, and only runs/<NNNN>-<commit7>/out/ writable),
 with all output in runs/<NNNN>-<commit7>/run.log (run.log at the root links to the latest). The
 helper measures the run's compute itself (on the cpu profile the CPU time of its whole process
-tree, else wall time) and stops it past the budget plus the allowance setup measured: `invalid`.
+tree, else wall time) and stops it past the limit setup measured on the baseline: `invalid`.
 
 Then the referee scores the model the run saved (out/model.pt2): a copy of the pinned prepare.py,
 run with `python -I` in an empty folder, in the sandbox with everything read-only. Its number is

@@ -931,7 +931,8 @@ def gather_status():
         elapsed = hours_since(pending["started_at"]) * 3600
         in_flight = {"id": pending["id"], "description": pending.get("description"),
                      "state": common.pending_state(pending),
-                     "elapsed_s": round(elapsed, 1), "budget_s": budget, "expected_s": round(expected, 1),
+                     "elapsed_s": round(elapsed, 1), "budget_s": budget, "budget": common.budget_text(session),
+                     "expected_s": round(expected, 1),
                      "fraction": min(1.0, elapsed / expected) if expected else None,
                      "eta_s": max(0.0, round(expected - elapsed, 1)) if expected else None}
     best = common.best_ever(rows)
@@ -986,7 +987,7 @@ def print_status(status):
         bar = progress_bar(flight["fraction"]) if flight["fraction"] is not None else ""
         eta = f", ETA {flight['eta_s']:.0f} s" if flight["eta_s"] is not None else ""
         print(f"in flight: {flight['id']} {flight['description']} ({flight['state']}) {bar} "
-              f"{flight['elapsed_s']:.0f}/{flight['expected_s']:.0f} s (training budget {flight['budget_s']} s){eta}")
+              f"{flight['elapsed_s']:.0f}/{flight['expected_s']:.0f} s (training budget {flight['budget']}){eta}")
     best, baseline = status["best"], status["baseline"]
     if best:
         print(f"best val_bpb {best['val_bpb']:.6f} ({best['commit']}: {best['description']}), "
@@ -1047,7 +1048,8 @@ def add_run_options(parser, defaults):
     train.add_argument("--train-command", metavar="CMD", default=d("train_command"),
                        help="the training command (default: experiment.py's, this Python running train.py)")
     train.add_argument("--gpus", type=int, metavar="N", default=d("gpus"),
-                       help="GPUs per experiment (experiment.py's --gpus; default 1): N > 1 trains under torchrun")
+                       help="GPUs per training run, setup's noise runs included (setup.py's and experiment.py's "
+                       "--gpus; default: the profile's, 8 for golf, else 1): N > 1 trains under torchrun")
     train.add_argument("--gpu", metavar="ID", default=d("gpu"),
                        help="pin this loop's training to these GPUs (CUDA_VISIBLE_DEVICES: 0, or 0,1 with --gpus 2)")
 

@@ -486,7 +486,7 @@ def build_prompt(state, kind, instructions=None, crash=None):
     columns = common.ledger_columns()
     recent = "\n".join(common.format_row(row, columns).rstrip("\n") for row in rows[-10:]) or "(no rows yet)"
     status = [f"- session {state['tag']} on {state['branch']}, profile {(common.load_session() or {}).get('profile')}, "
-              f"training budget {(common.load_session() or {}).get('time_budget')} s",
+              f"training budget {common.budget_text(common.load_session() or {})}",
               f"- baseline: {metric} {baseline.val_bpb:.6f} ({baseline.commit})" if baseline else "- baseline: not run yet",
               f"- best kept: {metric} {best.val_bpb:.6f} ({best.commit}: {best.description})" if best else "- best: -",
               f"- experiments so far: {max(0, len(common.experiments(rows)) - 1)}",

@@ -697,12 +697,27 @@ def allowance_from(overheads, budget):
                      max(ALLOWANCE_MIN_SECONDS, ALLOWANCE_FACTOR * worst + ALLOWANCE_SLACK * budget)), 3)
 
 
+# On a token budget (the cpu profiles) train.py trains the same tokens on any machine, so the budget
+# itself costs no fixed number of seconds. What stops an experiment that buys compute (more tokens,
+# a bigger model, extra processes) is a ceiling on its measured compute: TOKEN_CEILING x the most the
+# human's baseline used at setup, start-up and export included. 1.5 keeps an honest run clear of the
+# machine's drift (the same baseline took 113 to 133 CPU-s in one hour of this 2-core VM) and gives
+# an experiment about the headroom the allowance gives on a time budget (90 s + 1.5 x overhead + 9 s).
+TOKEN_CEILING = 1.5
+
+
 def compute_limit(session, processes=1):
-    """Seconds of compute (cpu or wall) a run may use: the budget plus the session's allowance, once
-    per process that pays the start-up (`processes`: on the CPU clock, each rank under torchrun and
-    torchrun itself import torch and the ranks each export; train.py already shares the budget itself
-    among the ranks)."""
-    budget = (session or {}).get("time_budget")
+    """Seconds of compute (cpu or wall) a run may use. On a token budget: TOKEN_CEILING x the most a
+    baseline run used, more in proportion when a run has more processes than those baselines (each
+    pays its own start-up). On a time budget: the budget plus the session's allowance, once per
+    process that pays the start-up (`processes`: on the CPU clock, each rank under torchrun and
+    torchrun itself import torch and the ranks each export; train.py shares the budget among the
+    ranks). Until the baseline is measured, the budget plus allowance_cap."""
+    session = session or {}
+    budget, measured = session.get("time_budget"), session.get("baseline_compute_s")
+    if session.get("train_tokens") and measured:
+        scale = max(1.0, processes / session.get("baseline_processes", 1))
+        return round(TOKEN_CEILING * max(measured) * scale, 3)
     if not is_finite_number(budget):
         return None
     allowance = session.get("allowance_s")
@@ -710,12 +725,25 @@ def compute_limit(session, processes=1):
 
 
 def record_overhead(session, run):
-    """Add a baseline run's overhead (its compute beyond the budget) and recompute the allowance."""
+    """Record what a baseline run (the human's code) used: on a token budget its compute, which sets
+    the ceiling; on a time budget its overhead (compute beyond the budget), which sets the allowance."""
     budget = session.get("time_budget")
-    if not is_finite_number(budget) or not run.get("compute_seconds") or run.get("clock") == "none":
+    if not run.get("compute_seconds") or run.get("clock") == "none":
         return
-    session.setdefault("overheads_s", []).append(round(run["compute_seconds"] - budget, 3))
-    session["allowance_s"] = allowance_from(session["overheads_s"], budget)
+    if session.get("train_tokens"):
+        session.setdefault("baseline_compute_s", []).append(round(run["compute_seconds"], 3))
+        session["baseline_processes"] = run.get("processes", 1)
+    elif is_finite_number(budget):
+        session.setdefault("overheads_s", []).append(round(run["compute_seconds"] - budget, 3))
+        session["allowance_s"] = allowance_from(session["overheads_s"], budget)
+
+
+def limit_text(session, limit, of=""):
+    """What the limit a run went past was made of, for the invalid verdict's line."""
+    budget, measured = session.get("time_budget"), session.get("baseline_compute_s")
+    if session.get("train_tokens") and measured:
+        return f"{TOKEN_CEILING:g} x the {max(measured):.1f} s the baseline used at setup{of}"
+    return f"{budget:g} s budget + {limit - budget:.1f} s for start-up, evaluation and export{of}"
 
 
 def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: None, ranks=1, task=None):
@@ -748,7 +776,8 @@ def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: Non
     wrapped = training_sandbox(command, out, hide_eval=guards["referee"] == "on",
                                task_hidden=task.hidden_paths() if task else ()) if sandboxed else command
     clock = guards["compute_measured"]
-    limit = None if clock == "none" else compute_limit(session, ranks + 1 if ranks > 1 and clock == "cpu_time" else 1)
+    processes = ranks + 1 if ranks > 1 and clock == "cpu_time" else 1
+    limit = None if clock == "none" else compute_limit(session, processes)
     run = run_logged(wrapped, run_log, env, timeout, on_start, compute_limit=limit, clock=clock, sandboxed=sandboxed)
     tail = read_tail(run_log)
     finished = run["exit_code"] == 0 and not run["timed_out"] and not run["interrupted"] and not run["over_budget"]
@@ -765,12 +794,11 @@ def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: Non
         status, failure = "crash", {"kind": "interrupted", "detail": "the helper was interrupted; training was stopped",
                                     "excerpt": []}
     elif run["over_budget"]:
-        budget = session.get("time_budget")
         what = "CPU time of its processes" if clock == "cpu_time" else "wall time"
         of = f" of {ranks} ranks and torchrun" if ranks > 1 and clock == "cpu_time" else ""
         status, failure = "invalid", {"kind": "over_budget", "excerpt": [], "detail": (
             f"trained past the budget: {run['compute_seconds']:.1f} s of {what} measured, more than the "
-            f"{limit:.1f} s allowed ({budget:g} s budget + {limit - budget:.1f} s for start-up, evaluation and export{of})")}
+            f"{limit:.1f} s allowed ({limit_text(session, limit, of)})")}
     elif tampered:
         status, failure = "invalid", {"kind": "tampering", "detail": f"after training, {tampered}", "excerpt": []}
     elif run["exit_code"] == INVALID_EXIT_CODE and invalid_line(tail):
@@ -789,7 +817,7 @@ def train_run(run_dir, command, seed, timeout, session, on_start=lambda pid: Non
             "failure": failure, "exit_code": run["exit_code"], "timed_out": run["timed_out"],
             "interrupted": run["interrupted"], "wall_seconds": round(run["seconds"], 3),
             "cpu_seconds": run["cpu_seconds"], "compute_seconds": run["compute_seconds"], "clock": clock,
-            "compute_limit_s": limit, "protections": guards, "sandbox": guards["sandbox"],
+            "compute_limit_s": limit, "processes": processes, "protections": guards, "sandbox": guards["sandbox"],
             "run_log": str(run_log.relative_to(ROOT))}
 
 

@@ -12,9 +12,10 @@ run setup in the background or pass --noise-runs 0 and measure later). The basel
 adds its own run, and noise_bpb in session.json is the standard deviation of val_bpb across
 seeds (pooled over commits). `--measure-noise` adds runs of HEAD to an existing session.
 
-The noise runs of the starting commit (the human's code) also measure the compute a run needs
-beyond its budget (start-up, evaluation, export); every later run may use the budget plus a
-bounded allowance derived from it (runner.allowance_from), and is stopped and `invalid` past that.
+The noise runs of the starting commit (the human's code) also measure the compute a run may use.
+On the cpu profiles, whose budget is training tokens, every later run may use runner.TOKEN_CEILING
+times the most a baseline run used; on a time budget, the budget plus a bounded allowance for
+start-up, evaluation and export (runner.allowance_from). Past that a run is stopped and `invalid`.
 
 It also checks once whether training can run in the sandbox (bubblewrap: see experiment.py) and
 says so when it cannot; --no-sandbox turns it off, --no-referee turns off the referee (train.py
@@ -299,6 +300,7 @@ def main():
         "profile": manifest.get("profile"),
         "dataset": manifest.get("dataset"),
         "time_budget": manifest.get("time_budget"),
+        "train_tokens": manifest.get("train_tokens"),  # the budget on the cpu profiles; None: time_budget
         "started_at": common.now_iso(),
         "deadline": deadline,
         "max_experiments": args.max_experiments,
@@ -308,8 +310,9 @@ def main():
         "task": "golf" if args.golf else "builtin",
         "lowered": [flag for flag, used in (("--no-sandbox", args.no_sandbox), ("--no-referee", args.no_referee))
                     if used],
-        "allowance_s": None,  # compute beyond the budget a run may use; measured on the noise runs
+        "allowance_s": None,  # time budget: compute beyond the budget a run may use; measured on the noise runs
         "overheads_s": [],
+        "baseline_compute_s": [],  # token budget: what the baseline's runs used; sets the ceiling
         "noise_bpb": None,
         "noise_runs": [],
         "track": track,  # mlflow, wandb or None
@@ -317,7 +320,7 @@ def main():
     }
     if current:  # an external task: its file is the protocol, its script the only judge
         session.update(data_pins={}, profile=None, dataset=None, referee="off",
-                       time_budget=current.time_budget, task="external", task_name=current.name,
+                       time_budget=current.time_budget, train_tokens=None, task="external", task_name=current.name,
                        task_sha256=current.sha256, ledger_columns=list(columns),
                        metric={"name": current.metric_name, "direction": current.direction})
     common.write_json_atomic(common.SESSION_FILE, session)  # its existence means setup completed
@@ -329,7 +332,7 @@ def main():
               f"no referee), budget {current.time_budget:g} s{moved}; next: uv run scripts/experiment.py \"baseline\"")
     else:
         print(f"session {args.tag}: branch {branch} at {start_commit[:7]}, profile {session['profile']}{golf}, "
-              f"dataset {session['dataset']}, budget {session['time_budget']} s{moved}; "
+              f"dataset {session['dataset']}, budget {common.budget_text(session)}{moved}; "
               'next: uv run scripts/experiment.py "baseline"')
     if session["sandbox_problem"]:  # said once, here; experiments then run without it
         print(f"sandbox unavailable ({session['sandbox_problem']}): training will run with network access, "

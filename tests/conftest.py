@@ -21,6 +21,9 @@ def synthetic_documents(count, seed=0):
     return [" ".join(rng.choices(words, weights=weights, k=rng.randint(20, 200))) + "." for _ in range(count)]
 
 
+SMOKE_TRAIN_TOKENS = 4 * 2**13  # four steps of train.py's cpu batch
+
+
 def run_prepare(cache, *args, timeout=300):
     env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
     return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args], env=env, capture_output=True,
@@ -29,10 +32,11 @@ def run_prepare(cache, *args, timeout=300):
 
 @pytest.fixture(scope="session")
 def builtin_cache(tmp_path_factory):
-    """The offline corpus prepared once for the cpu profile, with a short budget and eval."""
+    """The offline corpus prepared once for the cpu profile, with a short budget (4 steps of the
+    cpu batch; the time budget bounds the runs before a baseline is measured) and eval."""
     cache = tmp_path_factory.mktemp("builtin-cache")
     result = run_prepare(cache, "--dataset", "builtin", "--profile", "cpu", "--time-budget", "5",
-                         "--eval-tokens", str(16 * 256))
+                         "--train-tokens", str(SMOKE_TRAIN_TOKENS), "--eval-tokens", str(16 * 256))
     assert result.returncode == 0, result.stderr
     return cache
 

@@ -210,35 +210,52 @@ def test_an_untracked_module_at_the_root_never_runs_in_the_referee(repo, tmp_pat
 # The budget, measured by the helper
 
 
-def budget_session(repo, profile="cpu", budget=2):  # noqa: F811
-    """A session whose noise runs (burn.py 1.0: exactly the budget) measured the allowance."""
+def budget_session(repo, profile="cpu", budget=2, train_tokens=None):  # noqa: F811
+    """A session whose noise runs (burn.py 1.0: exactly the time budget) measured the limit: on a
+    time budget the allowance, on a token budget (`train_tokens`) the baseline's compute."""
     manifest_path = repo.cache / "prepared" / "prepared.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest.update(profile=profile, time_budget=budget)
+    manifest.update(profile=profile, time_budget=budget, train_tokens=train_tokens)
     manifest_path.write_text(json.dumps(manifest))
     ok(repo.run("setup", "--tag", "budget", "--noise-runs", "2", train=fake("burn.py", 1.0)), lines=None)
     session = json.loads((repo.path / "runs" / "session.json").read_text())
-    assert len(session["overheads_s"]) == 2 and session["allowance_s"] > 0
+    if train_tokens:
+        # (in the sandbox the helper's last look at /proc, every 0.25 s, is what counts: bwrap's init
+        # dies before its children's times reach wait4, so up to one interval goes uncounted)
+        assert len(session["baseline_compute_s"]) == 2 and min(session["baseline_compute_s"]) > budget - 0.5
+    else:
+        assert len(session["overheads_s"]) == 2 and session["allowance_s"] > 0
     return session
 
 
+def limit_of(session):
+    """The compute a run of the session may use, as the helper computes it."""
+    if session.get("train_tokens"):
+        return 1.5 * max(session["baseline_compute_s"])  # runner.TOKEN_CEILING
+    return session["time_budget"] + session["allowance_s"]
+
+
 def past_the_limit(session):
-    """burn.py's factor for a run that would go on well past the budget plus the measured allowance
-    (on a slow machine the start-up measured, and so the allowance, can exceed the budget itself)."""
-    limit = session["time_budget"] + session["allowance_s"]
+    """burn.py's factor for a run that would go on well past the limit (on a slow machine the
+    start-up measured, and so the limit, can exceed the budget itself several times)."""
+    limit = limit_of(session)
     return round((limit + max(1.0, 0.3 * limit)) / session["time_budget"], 2)
 
 
-def test_training_past_the_budget_is_stopped_and_invalid(repo):  # noqa: F811
-    session = budget_session(repo)
-    limit = session["time_budget"] + session["allowance_s"]
+@pytest.mark.parametrize("train_tokens", [None, 4096], ids=["time-budget", "token-budget"])
+def test_training_past_the_budget_is_stopped_and_invalid(repo, train_tokens):  # noqa: F811
+    session = budget_session(repo, train_tokens=train_tokens)
+    limit = limit_of(session)
     ok(repo.experiment("baseline", train=fake("burn.py", 1.0)))
     ok(repo.run("decide", "keep"))
     result = repo.experiment("train past the limit", train=fake("burn.py", past_the_limit(session)))
     assert result.returncode == 1 and "invalid (over_budget): trained past the budget" in result.stdout, result.stdout
     summary = repo.summary("0004")
+    if train_tokens:  # the verdict says what the limit was made of
+        assert f"(1.5 x the {max(session['baseline_compute_s']):.1f} s the baseline used at setup)" \
+            in summary["triage"]["detail"], summary["triage"]
     assert summary["status"] == "invalid" and summary["clock"] == "cpu_time"
-    assert limit <= summary["compute_seconds"] < limit + 1.0  # stopped soon after the limit
+    assert limit - 0.01 <= summary["compute_seconds"] < limit + 1.0  # stopped soon after the limit
     assert summary["metrics"] == {}  # the printed "training_seconds: 1.5" counts for nothing
     assert "recorded as invalid" in ok(repo.run("decide", "keep"))
     assert repo.rows()[-1][1:4] == ["0.000000", "0.0", "invalid"]
@@ -249,7 +266,7 @@ def test_extra_worker_processes_buy_no_compute(repo):  # noqa: F811
     workers = math.ceil(past_the_limit(session))  # together they burn past the limit; alone, the budget
     result = repo.experiment("more workers", train=fake("burn.py", 1.0, "workers", workers))
     assert result.returncode == 1 and "invalid (over_budget)" in result.stdout, result.stdout
-    assert repo.summary("0003")["compute_seconds"] >= session["time_budget"] + session["allowance_s"]
+    assert repo.summary("0003")["compute_seconds"] >= limit_of(session)
 
 
 def test_on_a_gpu_profile_the_budget_is_wall_time(repo):  # noqa: F811

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, copy_project, run_prepare
+from conftest import ROOT, SMOKE_TRAIN_TOKENS, copy_project, run_prepare
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def golf_cache(tmp_path_factory):
     short budget and evaluation of conftest's builtin_cache."""
     cache = tmp_path_factory.mktemp("golf-cache")
     result = run_prepare(cache, "--dataset", "builtin", "--profile", "golf-cpu", "--time-budget", "5",
-                         "--eval-tokens", str(16 * 256))
+                         "--train-tokens", str(SMOKE_TRAIN_TOKENS), "--eval-tokens", str(16 * 256))
     assert result.returncode == 0, result.stderr
     return cache
 

@@ -205,6 +205,19 @@ def test_the_allowance_follows_the_measured_overhead_within_its_bounds():
     assert runner.compute_limit({"time_budget": 90, "allowance_s": 21.0}, processes=3) == 90 + 63
 
 
+def test_on_a_token_budget_the_ceiling_follows_the_baseline_s_measured_compute():
+    session = {"time_budget": 90, "train_tokens": 2**19, "baseline_compute_s": []}
+    assert runner.compute_limit(session) == 90 + 300  # not measured yet: the time budget's cap
+    for compute in (100.0, 120.0):
+        runner.record_overhead(session, {"compute_seconds": compute, "clock": "cpu_time", "processes": 1})
+    assert session["baseline_compute_s"] == [100.0, 120.0] and "allowance_s" not in session
+    assert runner.compute_limit(session) == runner.TOKEN_CEILING * 120 == 180
+    assert runner.compute_limit(session, processes=3) == 3 * 180  # each process pays its own start-up
+    runner.record_overhead(session, {"compute_seconds": 30.0, "clock": "none"})  # a cluster job's wall time
+    assert session["baseline_compute_s"] == [100.0, 120.0]
+    assert "1.5 x the 120.0 s the baseline used at setup" in runner.limit_text(session, 180)
+
+
 def test_the_process_tree_counts_every_descendant(tmp_path):
     import subprocess
     script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)"

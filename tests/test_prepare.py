@@ -289,6 +289,15 @@ def test_permanent_failure_exits_non_zero_naming_the_shard(tmp_path, shard_files
     assert not (tmp_path / "prepared").exists() and leftovers(tmp_path) == []
 
 
+def test_a_token_budget_on_a_gpu_profile_is_refused_in_one_line(tmp_path):
+    for args, words in ((["--profile", "h100", "--train-tokens", "1000"], "h100 trains for its time budget"),
+                        (["--profile", "cpu", "--train-tokens", "0"], "at least 1")):
+        result = run_prepare(tmp_path, "--dataset", "builtin", *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and words in lines[0], result.stderr
+        assert not (tmp_path / "prepared").exists()
+
+
 def test_unreachable_hub_says_how_to_work_offline(tmp_path):
     result = run_prepare(tmp_path, "--base-url", "http://127.0.0.1:9/none", "--retries", "0", *SMALL)
     assert result.returncode != 0
