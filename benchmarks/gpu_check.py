@@ -41,12 +41,17 @@ def run(command, env, cwd=PROJECT, timeout=900):
     return result, time.perf_counter() - started
 
 
+DRY_RUN_TRAIN_TOKENS = 4 * 2**13
+
+
 def prepare_corpus(cache, profile, time_budget, eval_tokens, env):
     """Prepares the built-in corpus; when its val split is too small for eval_tokens, again with what it holds."""
     seq = {"h100": 2048, "gpu": 1024, "cpu": 256}[profile]
+    # the cpu profile's budget is tokens: the dry run's few seconds are four steps of its batch
+    tokens = ["--train-tokens", str(DRY_RUN_TRAIN_TOKENS)] if profile == "cpu" else []
     for _ in range(2):
         result, seconds = run([sys.executable, str(PROJECT / "prepare.py"), "--dataset", "builtin", "--profile", profile,
-                               "--time-budget", str(time_budget), "--eval-tokens", str(eval_tokens)],
+                               "--time-budget", str(time_budget), *tokens, "--eval-tokens", str(eval_tokens)],
                               dict(env, AUTORESEARCH_CACHE=str(cache)))
         if result.returncode == 0:
             return eval_tokens, seconds

@@ -17,7 +17,10 @@ quiet session's compute ceiling.
 
 Measured before the token budget (2026-12-01, 90 CPU-s budget): quiet 0.0127, loaded 0.0197,
 ratio 1.55, and on the idle machine an hour later quiet 0.088 (39 to 63 steps for the same
-CPU-seconds). Figures for the token budget are in the closing note of issue 11.
+CPU-seconds). On the token budget (2026-12-02, 2^19 tokens, 13 min in all): quiet 0.019704 (seeds
+43, 44, 42: 1.663977, 1.665719, 1.698943; 64 steps each, 85 to 87 CPU-s), with 2 busy processes the
+same three numbers, bit for bit (89 to 94 CPU-s, three times the wall time), ratio 1.00. What is
+left is the seeds' own spread.
 
 Usage:
     uv run benchmarks/noise_floor.py [--train-tokens N] [--eval-tokens N] [--busy N]

@@ -81,8 +81,8 @@ def summary_value(log, key):
 def main():
     parser = argparse.ArgumentParser(description="Net cost of the referee scoring every experiment.")
     parser.add_argument("--profile", default="cpu", choices=["cpu", "gpu", "h100"], help="protocol profile (default cpu)")
-    parser.add_argument("--time-budget", type=int, help="override the profile's training seconds (a shorter run "
-                        "makes the referee look relatively dearer)")
+    parser.add_argument("--time-budget", type=int, help="override a GPU profile's training seconds (a shorter run "
+                        "makes the referee look relatively dearer; the cpu profile's budget is tokens)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
         temporary = Path(temporary)
@@ -111,7 +111,8 @@ def main():
     def share(seconds):
         return f"{seconds:.1f} s = {100 * seconds / before:.1f}%"
 
-    print(f"experiment by hand: train.py on the {manifest['profile']} profile ({manifest['time_budget']} s budget, "
+    budget = f"{manifest['train_tokens']:,} tokens" if manifest.get("train_tokens") else f"{manifest['time_budget']} s"
+    print(f"experiment by hand: train.py on the {manifest['profile']} profile ({budget} budget, "
           f"{manifest['eval_tokens']:,} eval tokens, {device}): {before:.1f} s wall with its own evaluation "
           f"({eval_s:.1f} s), without the export")
     print(f"export in train.py (torch.export, functionalise, save; {size_mb:.0f} MB model.pt2): {share(export_s)}")
