@@ -53,7 +53,7 @@ WARMDOWN_RATIO = 0.5        # fraction of the budget spent decaying it to FINAL_
 FINAL_LR_FRAC = 0.0         # learning rate at the end, as a fraction of the peak
 LOGIT_SOFTCAP = 15.0        # logits pass through softcap * tanh(logits / softcap)
 
-# The cpu profiles (2 cores, 90 s: cpu, golf-cpu) need a far smaller model and batch to learn at all.
+# The cpu profiles (2 cores, 2^19 tokens: cpu, golf-cpu) need a far smaller model and batch to learn at all.
 # On them these values replace the ones above, so they are the ones to tune on a CPU.
 if PROFILE in CPU_PROFILES:
     DEPTH = 2

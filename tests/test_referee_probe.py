@@ -111,7 +111,7 @@ def test_probe_rows_and_positions_are_fresh_each_time(prepared):
     assert not torch.equal(first.calls[0][3], first.calls[1][3])
 
 
-def test_the_compiled_model_is_not_recompiled_for_the_probe(prepared, monkeypatch):
+def test_the_compiled_model_is_not_recompiled_for_the_probe(prepared):
     import torch._dynamo
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Embedding(prepared.VOCAB_SIZE, 8), torch.nn.Linear(8, prepared.VOCAB_SIZE))
@@ -120,6 +120,8 @@ def test_the_compiled_model_is_not_recompiled_for_the_probe(prepared, monkeypatc
     token_bytes = prepared.get_token_bytes()
     with torch.no_grad():
         prepared.score_rows(compiled, rows, 8, token_bytes)  # compiles once: two batches of 8
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    prepared.check_causality(compiled, rows, 8)  # a new stride or shape here would raise
+    # torch's own patch, not monkeypatch: monkeypatch's undo left the option hidden ("does not
+    # exist") for every later test in the process, and a later export of the flex path failed
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        prepared.check_causality(compiled, rows, 8)  # a new stride or shape here would raise
     torch._dynamo.reset()
