@@ -619,7 +619,7 @@ def prepare(args):
 
 
 def budget_text(constants):
-    """The training budget as a reader says it: "524,288 tokens" on the cpu profiles, "300 s" on a GPU."""
+    """The training budget as a reader says it: "524,288 tokens" on the cpu profiles, "300s" on a GPU."""
     if constants.get("train_tokens"):
         return f"{constants['train_tokens']:,} tokens"
     return f"{constants['time_budget']}s"
@@ -693,11 +693,13 @@ def evaluation_available():
 
 
 def __getattr__(name):
-    """MAX_SEQ_LEN, TIME_BUDGET, TRAIN_TOKENS (None on the GPU profiles), EVAL_TOKENS and VOCAB_SIZE
-    come from the prepared data; `from prepare import MAX_SEQ_LEN` fails at once, with the command to
-    run, when there is none."""
+    """MAX_SEQ_LEN, TIME_BUDGET, TRAIN_TOKENS (None where the budget is time: the GPU profiles, and data
+    prepared before the cpu profiles had it), EVAL_TOKENS and VOCAB_SIZE come from the prepared data;
+    `from prepare import MAX_SEQ_LEN` fails at once, with the command to run, when there is none."""
+    if name == "TRAIN_TOKENS":
+        return manifest().get("train_tokens")
     if name in PROTOCOL_CONSTANTS:
-        return manifest().get(PROTOCOL_CONSTANTS[name])
+        return manifest()[PROTOCOL_CONSTANTS[name]]
     if name == "PROFILE":
         return manifest()["profile"]
     raise AttributeError(f"module 'prepare' has no attribute {name!r}")

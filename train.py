@@ -25,8 +25,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 # prepare first: it sets OpenMP's wait policy, which must be in place before torch loads OpenMP
-from prepare import (CPU_PROFILES, MAX_SEQ_LEN, PROFILE, TIME_BUDGET, TRAIN_TOKENS, VOCAB_SIZE, detect_device, evaluate_and_save,
-                     make_dataloader, peak_flops, run_seed, training_clock)
+from prepare import (CPU_PROFILES, MAX_SEQ_LEN, PROFILE, TIME_BUDGET, TRAIN_TOKENS, VOCAB_SIZE, budget_text, detect_device,
+                     evaluate_and_save, make_dataloader, manifest, peak_flops, run_seed, training_clock)
 
 import torch
 import torch.nn as nn
@@ -501,8 +501,8 @@ def main():
     print(f"model: depth {DEPTH}, width {width}, heads {config.n_head}, windows {model.windows}, "
           f"{total_params / 1e6:.1f}M parameters ({dense_params / 1e6:.1f}M outside embeddings)")
     ranks = f" x {world_size} ranks" if world_size > 1 else ""
-    budget = f"{TRAIN_TOKENS:,} tokens" if TRAIN_TOKENS else f"{TIME_BUDGET}s"
-    print(f"batch: {TOTAL_BATCH_SIZE:,} tokens per step = {accumulation} x {device_batch_size} x {MAX_SEQ_LEN}{ranks}; budget {budget}", flush=True)
+    print(f"batch: {TOTAL_BATCH_SIZE:,} tokens per step = {accumulation} x {device_batch_size} x {MAX_SEQ_LEN}{ranks}; "
+          f"budget {budget_text(manifest())}", flush=True)
 
     loader = make_dataloader(device_batch_size, device, seed=seed, rank=rank, world_size=world_size)
     inputs, targets, epoch = next(loader)

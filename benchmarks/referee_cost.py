@@ -111,8 +111,7 @@ def main():
     def share(seconds):
         return f"{seconds:.1f} s = {100 * seconds / before:.1f}%"
 
-    budget = f"{manifest['train_tokens']:,} tokens" if manifest.get("train_tokens") else f"{manifest['time_budget']} s"
-    print(f"experiment by hand: train.py on the {manifest['profile']} profile ({budget} budget, "
+    print(f"experiment by hand: train.py on the {manifest['profile']} profile ({prepare.budget_text(manifest)} budget, "
           f"{manifest['eval_tokens']:,} eval tokens, {device}): {before:.1f} s wall with its own evaluation "
           f"({eval_s:.1f} s), without the export")
     print(f"export in train.py (torch.export, functionalise, save; {size_mb:.0f} MB model.pt2): {share(export_s)}")

@@ -112,7 +112,8 @@ def load_manifest():
 
 def budget_text(protocol):
     """The training budget of a manifest or session, as a reader says it: "524,288 tokens" on the
-    cpu profiles, "300 s" on a time budget."""
+    cpu profiles, "300 s" on a time budget. (prepare.budget_text says it for train.py; the helpers
+    and hooks do not import prepare, which loads numpy and is the referee's pinned code.)"""
     if protocol.get("train_tokens"):
         return f"{protocol['train_tokens']:,} tokens"
     return f"{protocol.get('time_budget')} s"

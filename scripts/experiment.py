@@ -360,7 +360,7 @@ def run_experiment(args):
             changed_session = runner.record_noise_sample(session, run_dir.name, commit, seed, run["value"])
             summary["noise_bpb"] = common.noise_band(session)
         if commit == session["start_commit"]:  # the human's code: its overhead sets the compute allowance
-            runner.record_overhead(session, run)
+            runner.record_baseline(session, run)
             changed_session = True
         if changed_session:
             common.write_json_atomic(common.SESSION_FILE, session)

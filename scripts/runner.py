@@ -714,17 +714,23 @@ def compute_limit(session, processes=1):
     torchrun itself import torch and the ranks each export; train.py shares the budget among the
     ranks). Until the baseline is measured, the budget plus allowance_cap."""
     session = session or {}
-    budget, measured = session.get("time_budget"), session.get("baseline_compute_s")
-    if session.get("train_tokens") and measured:
+    budget, peak = session.get("time_budget"), baseline_peak(session)
+    if peak is not None:
         scale = max(1.0, processes / session.get("baseline_processes", 1))
-        return round(TOKEN_CEILING * max(measured) * scale, 3)
+        return round(TOKEN_CEILING * peak * scale, 3)
     if not is_finite_number(budget):
         return None
     allowance = session.get("allowance_s")
     return budget + processes * (allowance if is_finite_number(allowance) else allowance_cap(budget))
 
 
-def record_overhead(session, run):
+def baseline_peak(session):
+    """On a token budget, the most compute a baseline run used; None on a time budget or until measured."""
+    measured = session.get("baseline_compute_s")
+    return max(measured) if session.get("train_tokens") and measured else None
+
+
+def record_baseline(session, run):
     """Record what a baseline run (the human's code) used: on a token budget its compute, which sets
     the ceiling; on a time budget its overhead (compute beyond the budget), which sets the allowance."""
     budget = session.get("time_budget")
@@ -740,9 +746,9 @@ def record_overhead(session, run):
 
 def limit_text(session, limit, of=""):
     """What the limit a run went past was made of, for the invalid verdict's line."""
-    budget, measured = session.get("time_budget"), session.get("baseline_compute_s")
-    if session.get("train_tokens") and measured:
-        return f"{TOKEN_CEILING:g} x the {max(measured):.1f} s the baseline used at setup{of}"
+    budget, peak = session.get("time_budget"), baseline_peak(session)
+    if peak is not None:
+        return f"{TOKEN_CEILING:g} x the {peak:.1f} s the baseline used at setup{of}"
     return f"{budget:g} s budget + {limit - budget:.1f} s for start-up, evaluation and export{of}"
 
 

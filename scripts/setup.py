@@ -122,7 +122,7 @@ def measure_noise(session, commit, count, command=None, timeout=None):
     """Train `commit` (it must be HEAD) `count` times under seeds not yet used for it, each in its own
     runs/ folder (kind "noise"; the referee scores its model, which is then deleted), adding each
     result to the session's noise samples and, for the starting commit (the human's code), its
-    compute beyond the budget to the overheads that set the allowance.
+    compute, which sets the limit of every later run (runner.record_baseline).
     Returns (the number of runs that finished, a line about the first that did not, or None)."""
     current = task.session_task(session)  # an external task: its command, its timeout
     ranks = 1
@@ -158,7 +158,7 @@ def measure_noise(session, commit, count, command=None, timeout=None):
             break
         runner.record_noise_sample(session, run_dir.name, commit, seed, run["value"])
         if commit == session["start_commit"]:
-            runner.record_overhead(session, run)
+            runner.record_baseline(session, run)
         common.write_json_atomic(common.SESSION_FILE, session)  # after each run: a kill keeps what was measured
         finished += 1
     return finished, problem

@@ -209,11 +209,11 @@ def test_on_a_token_budget_the_ceiling_follows_the_baseline_s_measured_compute()
     session = {"time_budget": 90, "train_tokens": 2**19, "baseline_compute_s": []}
     assert runner.compute_limit(session) == 90 + 300  # not measured yet: the time budget's cap
     for compute in (100.0, 120.0):
-        runner.record_overhead(session, {"compute_seconds": compute, "clock": "cpu_time", "processes": 1})
+        runner.record_baseline(session, {"compute_seconds": compute, "clock": "cpu_time", "processes": 1})
     assert session["baseline_compute_s"] == [100.0, 120.0] and "allowance_s" not in session
     assert runner.compute_limit(session) == runner.TOKEN_CEILING * 120 == 180
     assert runner.compute_limit(session, processes=3) == 3 * 180  # each process pays its own start-up
-    runner.record_overhead(session, {"compute_seconds": 30.0, "clock": "none"})  # a cluster job's wall time
+    runner.record_baseline(session, {"compute_seconds": 30.0, "clock": "none"})  # a cluster job's wall time
     assert session["baseline_compute_s"] == [100.0, 120.0]
     assert "1.5 x the 120.0 s the baseline used at setup" in runner.limit_text(session, 180)
 
@@ -264,7 +264,7 @@ def test_a_run_sent_to_a_cluster_is_not_held_to_the_dispatcher_s_own_compute():
     assert not runner.dispatched(local) and runner.protections(session, local)["compute_measured"] == "cpu_time"
     assert not runner.dispatched([python, "wrap.py", "--", python, "dispatch.py"])  # the job's own script
     overheads = list(session.get("overheads_s", []))
-    runner.record_overhead(session, {"compute_seconds": 30.0, "clock": "none"})  # a job's wall time sets nothing
+    runner.record_baseline(session, {"compute_seconds": 30.0, "clock": "none"})  # a job's wall time sets nothing
     assert session.get("overheads_s", []) == overheads and session["allowance_s"] == 0.8
 
 
