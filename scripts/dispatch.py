@@ -408,9 +408,6 @@ def default_time_limit():
 
 
 def parse_args(argv):
-    if "--" not in argv:
-        raise common.Refusal("give the training command after --, e.g. dispatch.py --backend slurm -- python train.py")
-    split = argv.index("--")
     parser = argparse.ArgumentParser(description="Run one training command as a cluster job: stream its log, "
                                      "exit with its code, cancel it on SIGTERM.",
                                      usage="dispatch.py --backend {slurm,ray} [options] -- COMMAND ...")
@@ -427,6 +424,11 @@ def parse_args(argv):
     parser.add_argument("--env", action="append", default=[], metavar="NAME",
                         help="ray: pass this environment variable to the job too (AUTORESEARCH_* always are; "
                         "repeatable)")
+    if "--" not in argv:
+        if "-h" in argv or "--help" in argv:
+            parser.parse_args(["--help"])  # prints the help and exits 0
+        raise common.Refusal("give the training command after --, e.g. dispatch.py --backend slurm -- python train.py")
+    split = argv.index("--")
     args = parser.parse_args(argv[:split])
     command = argv[split + 1:]
     if not command:

@@ -114,6 +114,15 @@ def test_cluster_lanes_put_the_dispatcher_in_front_of_training():
     assert lanes.training_command(args) is None  # the loop's default: train.py with the lane's GPUs
 
 
+def test_the_dispatcher_prints_its_help_and_refuses_a_command_without_its_separator():
+    dispatch = [sys.executable, str(PROJECT / "scripts" / "dispatch.py")]
+    helped = subprocess.run([*dispatch, "--help"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "--backend {slurm,ray}" in helped.stdout, helped.stderr
+    refused = subprocess.run([*dispatch, "--backend", "slurm", "python", "train.py"], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "after --" in refused.stderr
+
+
 def test_skypilot_task_asks_for_one_gpu_ships_the_repository_and_runs_the_loop():
     import yaml  # installed with Ray (the cluster group)
 
