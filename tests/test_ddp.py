@@ -45,9 +45,10 @@ def cache_8_steps(tmp_path_factory):
 
 
 def test_two_ranks_print_one_summary_block_within_the_noise_of_one_process(cache_8_steps):
-    # The same token budget: one process with 2 threads, then 2 one-thread ranks, each with half of
-    # every batch. Both see the same rows at every step (rank-strided batches).
-    alone = run([sys.executable, "train.py"], cache_8_steps)
+    # The same token budget: one process pinned to one core (so one thread, as each rank has), then
+    # 2 one-thread ranks, each with half of every batch. Both see the same rows at every step
+    # (rank-strided batches).
+    alone = run(["taskset", "-c", "0", sys.executable, "train.py"], cache_8_steps)
     assert alone.returncode == 0, alone.stderr[-2000:]
     ranks = run([*TORCHRUN, "train.py"], cache_8_steps)
     assert ranks.returncode == 0, ranks.stderr[-2000:]
@@ -57,8 +58,11 @@ def test_two_ranks_print_one_summary_block_within_the_noise_of_one_process(cache
     assert two["world_size"] == "2" and "world_size" not in one
     assert two["clock"] == "cpu_time" and one["num_steps"] == two["num_steps"] == "8"
     # The same steps on the same rows: the ranks differ from one process only in how the sums of
-    # the gradients are ordered. Measured: 2.455378 and 2.455351 (2.7e-5); seeds spread by 0.01 here.
-    assert abs(float(two["val_bpb"]) - float(one["val_bpb"])) < 1e-3, (one["val_bpb"], two["val_bpb"])
+    # the gradients are ordered, and 8 steps amplify that by a CPU-dependent amount. Measured on an
+    # earlier box: 2.455378 and 2.455351 (2.7e-5). On an AVX-512/AMX Xeon (2026-12-02): one process
+    # 2.433480 on 1 thread and 2.453406 on 2, the ranks 2.439339 (5.9e-3 from the 1-thread run).
+    # Seeds spread by 0.01 here: the ranks must stay inside one process's own noise.
+    assert abs(float(two["val_bpb"]) - float(one["val_bpb"])) < 0.01, (one["val_bpb"], two["val_bpb"])
 
 
 def test_two_ranks_take_the_step_one_process_takes_on_the_whole_batch(builtin_cache, tmp_path):

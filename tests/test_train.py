@@ -70,9 +70,11 @@ def test_cpu_baseline_run_learns_and_prints_the_summary_block(baseline, builtin_
     assert float(re.search(r"^val_bpb: (\S+)$", scored.stdout, re.MULTILINE).group(1)) == pytest.approx(val_bpb, abs=2e-6)
 
 
-def test_a_loaded_machine_trains_the_same_model_bit_for_bit(baseline, builtin_cache):
-    """The cpu profile's budget is tokens: two busy processes beside the run make it slower, never
-    different. (On a budget of CPU seconds the step count and the schedule followed the machine.)"""
+def test_a_loaded_machine_trains_the_same_steps_to_the_same_score(baseline, builtin_cache):
+    """The cpu profile's budget is tokens: two busy processes beside the run make it slower, not a
+    different run. (On a budget of CPU seconds the step count and the schedule followed the
+    machine.) Not bit for bit on every CPU: on an AVX-512/AMX Xeon one loaded run printed 2.814692
+    against 2.814693, so the score is held to its last printed digit."""
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
         loaded = run_train(ROOT / "train.py", builtin_cache)
@@ -82,7 +84,8 @@ def test_a_loaded_machine_trains_the_same_model_bit_for_bit(baseline, builtin_ca
             process.wait()
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     quiet, values = summary(baseline[0].stdout), summary(loaded.stdout)
-    assert (values["val_bpb"], values["num_steps"]) == (quiet["val_bpb"], quiet["num_steps"])
+    assert values["num_steps"] == quiet["num_steps"]
+    assert float(values["val_bpb"]) == pytest.approx(float(quiet["val_bpb"]), abs=1.5e-6)
 
 
 def test_with_the_evaluation_data_hidden_train_prints_no_val_bpb_and_saves_the_model(builtin_cache, tmp_path):
