@@ -1037,10 +1037,9 @@ def sanitized_archive(data):
     Nothing the experiment wrote is unpickled: weights and constants must be raw tensor records
     (use_pickle false), the sample inputs (a pickle) are replaced by the referee's own, the graph's
     node metadata (stack traces that FX copies into generated code) and guards (Python source
-    that torch compiles) are dropped, and every string torch would resolve or parse is checked."""
+    that torch compiles) are dropped, and every string torch would resolve or parse is checked.
+    torch is imported only once every check has passed: a refused archive meets none of its code."""
     import zipfile
-    import torch
-    from torch.export.pt2_archive._package import PT2ArchiveWriter
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         entries = archive.infolist()
@@ -1082,6 +1081,8 @@ def sanitized_archive(data):
     program = load_json(members["models/model.json"], "models/model.json")
     check_program_json(program)
     records["models/model.json"] = json.dumps(program).encode()
+    import torch
+    from torch.export.pt2_archive._package import PT2ArchiveWriter
     sample_inputs = io.BytesIO()
     torch.save(((torch.zeros(1, manifest()["max_seq_len"], dtype=torch.int64),), {}), sample_inputs)
     records["data/sample_inputs/model.pt"] = sample_inputs.getvalue()
@@ -1191,7 +1192,6 @@ def load_saved_model(path):
 
 def load_saved_program(path):
     """The exported program, checked, loaded without running anything the experiment wrote."""
-    import torch
     try:
         data = Path(path).read_bytes()
     except OSError as error:
@@ -1202,6 +1202,7 @@ def load_saved_program(path):
         invalid(f"the saved model is refused before loading: {refusal}")
     except ValueError as error:
         fail(f"{path}: {error}")
+    import torch
     try:
         program = torch.export.load(io.BytesIO(clean))
     except Exception as error:  # a truncated or inconsistent archive: torch's own message, one line
@@ -1324,8 +1325,8 @@ def score_saved_model(path, split, batch_size, golf=False):
     """val_bpb (or test) of a model saved by save_for_referee, computed here from its logits,
     with the causality probe. Autocast in bf16 on CUDA, as training evaluates. With golf, after
     the int8+zlib round trip; returns (bpb, compressed model bytes or None)."""
-    import torch
     program = load_saved_program(path)
+    import torch
     model_bytes = golf_round_trip(program) if golf else None
     module = program.module()
     device = next(module.parameters()).device
