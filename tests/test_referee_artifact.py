@@ -213,6 +213,22 @@ def test_an_unknown_member_is_refused(prepared, builtin_cache, tmp_path, member)
     assert_refused(referee(crafted, builtin_cache), f"unknown member {member!r}")
 
 
+def test_a_refused_archive_is_refused_before_torch_is_imported(prepared, builtin_cache, tmp_path):
+    # What torch's own readers might do with a crafted archive (a parser bug, a new unpickling
+    # path) cannot happen if torch is never imported: every check runs on the zip first.
+    genuine = export(prepared, TinyCausalModel(prepared.VOCAB_SIZE), tmp_path / "genuine.pt2")
+    crafted = rebuild(genuine, tmp_path / "model.pt2", {"extra/notes.txt": b"anything"})
+    lone = tmp_path / "referee"
+    lone.mkdir()
+    shutil.copy(ROOT / "prepare.py", lone)
+    result = subprocess.run([sys.executable, "-I", "-X", "importtime", str(lone / "prepare.py"), "score", str(crafted)],
+                            cwd=lone, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache)))
+    assert result.returncode == 4, result.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert "numpy" in imported and not [name for name in imported if name.split(".")[0] == "torch"]
+
+
 def test_a_model_that_writes_its_buffers_is_refused(prepared, builtin_cache, tmp_path):
     result = referee(export(prepared, CallCounter(prepared.VOCAB_SIZE), tmp_path / "model.pt2"), builtin_cache)
     assert_refused(result, "mutates its buffers or inputs")
