@@ -96,12 +96,13 @@ def rebuild(source, target, changes):
     return target
 
 
-def referee(model, cache):
+def referee(model, cache, *options, python_flags=()):
+    """`prepare.py score MODEL OPTIONS...` as the helpers run it: `python -I` on a lone copy."""
     lone = model.parent / "referee"
     lone.mkdir(exist_ok=True)
     shutil.copy(ROOT / "prepare.py", lone)
-    return subprocess.run([sys.executable, "-I", str(lone / "prepare.py"), "score", str(model)], cwd=lone,
-                          capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-I", *python_flags, str(lone / "prepare.py"), "score", str(model), *options],
+                          cwd=lone, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, AUTORESEARCH_CACHE=str(cache)))
 
 
@@ -218,12 +219,7 @@ def test_a_refused_archive_is_refused_before_torch_is_imported(prepared, builtin
     # path) cannot happen if torch is never imported: every check runs on the zip first.
     genuine = export(prepared, TinyCausalModel(prepared.VOCAB_SIZE), tmp_path / "genuine.pt2")
     crafted = rebuild(genuine, tmp_path / "model.pt2", {"extra/notes.txt": b"anything"})
-    lone = tmp_path / "referee"
-    lone.mkdir()
-    shutil.copy(ROOT / "prepare.py", lone)
-    result = subprocess.run([sys.executable, "-I", "-X", "importtime", str(lone / "prepare.py"), "score", str(crafted)],
-                            cwd=lone, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache)))
+    result = referee(crafted, builtin_cache, python_flags=("-X", "importtime"))
     assert result.returncode == 4, result.stderr[-2000:]
     imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
     assert "numpy" in imported and not [name for name in imported if name.split(".")[0] == "torch"]
@@ -280,12 +276,7 @@ class GolfModel(torch.nn.Module):
 
 
 def golf_referee(model, cache, *extra):
-    lone = model.parent / "referee"
-    lone.mkdir(exist_ok=True)
-    shutil.copy(ROOT / "prepare.py", lone)
-    return subprocess.run([sys.executable, "-I", str(lone / "prepare.py"), "score", str(model), "--int8-zlib", *extra],
-                          cwd=lone, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, AUTORESEARCH_CACHE=str(cache)))
+    return referee(model, cache, "--int8-zlib", *extra)
 
 
 def printed(result, pattern):
@@ -356,9 +347,6 @@ def test_code_is_counted_only_for_a_golf_artifact(prepared, builtin_cache, tmp_p
     path = export(prepared, TinyCausalModel(prepared.VOCAB_SIZE), tmp_path / "model.pt2")
     result = referee(path, builtin_cache)
     assert "artifact_bytes" not in result.stdout
-    lone = tmp_path / "referee"
-    result = subprocess.run([sys.executable, "-I", str(lone / "prepare.py"), "score", str(path), "--code", "train.py"],
-                            cwd=lone, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, AUTORESEARCH_CACHE=str(builtin_cache)))
+    result = referee(path, builtin_cache, "--code", "train.py")
     assert result.returncode == 1 and result.stderr.strip() == \
         "prepare: error: --code counts the code of a parameter-golf artifact: give it with --int8-zlib"
