@@ -1,5 +1,7 @@
 """Fixtures shared by the training-core tests: a synthetic corpus and a prepared builtin cache."""
 
+import fcntl
+import json
 import os
 import random
 import shutil
@@ -33,12 +35,32 @@ def run_prepare(cache, *args, timeout=300):
 @pytest.fixture(scope="session")
 def builtin_cache(tmp_path_factory):
     """The offline corpus prepared once for the cpu profile, with a short budget (4 steps of the
-    cpu batch; the time budget bounds the runs before a baseline is measured) and eval."""
-    cache = tmp_path_factory.mktemp("builtin-cache")
-    result = run_prepare(cache, "--dataset", "builtin", "--profile", "cpu", "--time-budget", "5",
-                         "--train-tokens", str(SMOKE_TRAIN_TOKENS), "--eval-tokens", str(16 * 256))
-    assert result.returncode == 0, result.stderr
+    cpu batch; the time budget bounds the runs before a baseline is measured) and eval. Once per
+    run: pytest-xdist's workers share one copy (the first to take the lock prepares it); the tests
+    only read it."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this run's folder, above each worker's own
+    cache = shared / "builtin-cache"
+    with open(shared / "builtin-cache.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cache / "prepared" / "prepared.json").exists():  # written last: a complete cache
+            result = run_prepare(cache, "--dataset", "builtin", "--profile", "cpu", "--time-budget", "5",
+                                 "--train-tokens", str(SMOKE_TRAIN_TOKENS), "--eval-tokens", str(16 * 256))
+            assert result.returncode == 0, result.stderr
     return cache
+
+
+def manifest_view(cache, folder, **changes):
+    """A cache in `folder` whose prepared files are links to `cache`'s and whose manifest is its own
+    with `changes`: the data prepare.py would write again, under another budget or profile."""
+    (folder / "prepared").mkdir(parents=True)
+    for item in (cache / "prepared").iterdir():
+        if item.name != "prepared.json":
+            (folder / "prepared" / item.name).symlink_to(item)
+    manifest = json.loads((cache / "prepared" / "prepared.json").read_text())
+    (folder / "prepared" / "prepared.json").write_text(json.dumps(dict(manifest, **changes)))
+    return folder
 
 
 def copy_project(tmp_path):

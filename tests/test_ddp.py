@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_prepare
+from conftest import ROOT, manifest_view
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import common  # noqa: E402
@@ -34,14 +34,11 @@ def summary(stdout):
 
 
 @pytest.fixture(scope="module")
-def cache_8_steps(tmp_path_factory):
+def cache_8_steps(builtin_cache, tmp_path_factory):
     """The builtin corpus with a budget of 8 steps of the cpu batch (4 steps, conftest's, is where one
     step of the schedule more or less is a large share of the run)."""
-    cache = tmp_path_factory.mktemp("cache-8-steps")
-    result = run_prepare(cache, "--dataset", "builtin", "--profile", "cpu", "--time-budget", "20",
-                         "--train-tokens", str(8 * 2**13), "--eval-tokens", str(16 * 256))
-    assert result.returncode == 0, result.stderr
-    return cache
+    return manifest_view(builtin_cache, tmp_path_factory.mktemp("cache-8-steps"), time_budget=20,
+                         train_tokens=8 * 2**13)
 
 
 def test_two_ranks_print_one_summary_block_within_the_noise_of_one_process(cache_8_steps):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, SMOKE_TRAIN_TOKENS
+from conftest import ROOT, SMOKE_TRAIN_TOKENS, manifest_view
 
 
 @pytest.fixture(scope="module")
@@ -223,14 +223,7 @@ def test_mfu_counts_flops_both_ways_the_h100_model_matches_upstreams_count(train
 
 def gpu_profile_cache(builtin_cache, tmp_path, profile):
     """The builtin cache's data under a GPU profile's manifest."""
-    cache = tmp_path / f"{profile}-cache"
-    (cache / "prepared").mkdir(parents=True)
-    for item in (builtin_cache / "prepared").iterdir():
-        if item.name != "prepared.json":
-            (cache / "prepared" / item.name).symlink_to(item)
-    manifest = json.loads((builtin_cache / "prepared" / "prepared.json").read_text())
-    (cache / "prepared" / "prepared.json").write_text(json.dumps(dict(manifest, profile=profile)))
-    return cache
+    return manifest_view(builtin_cache, tmp_path / f"{profile}-cache", profile=profile)
 
 
 def test_a_gpu_profile_without_cuda_stops_at_once_with_one_line(builtin_cache, tmp_path):
