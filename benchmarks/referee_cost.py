@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+import prepare  # noqa: E402  (budget_text, for the report)
 
 PHASES = """
 import json, sys, time
