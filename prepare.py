@@ -1407,7 +1407,7 @@ def main():
         except SystemExit as verdict:  # fail(), invalid() and argparse: their line is printed
             code = verdict.code if isinstance(verdict.code, int) else int(verdict.code is not None)
         # The verdict is out. What is left is the interpreter tearing down the modules torch.export's
-        # loader imported (dynamo, inductor, Triton): 1.2 s of a 7 s referee call on the cpu, for
+        # loader imported (dynamo, inductor, Triton): 1.5 s of a 9 s referee call on the cpu, for
         # nothing. (gc.freeze() saves as much, but Triton's bindings then print leak warnings.)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -198,7 +198,7 @@ def step_faults(imports):
 
 def test_a_training_step_reuses_the_memory_the_last_one_freed_once_prepare_is_imported():
     # glibc's default hands every freed block over 32 MB back to the kernel: 4 blocks a step fault
-    # in again (24 over the 6 steps, every time). With prepare imported first, measured: 5 to 7.
+    # in again (24 over the 6 steps, every time). With prepare imported first, measured: 4 to 7.
     default, kept = step_faults("torch"), step_faults("prepare")
     assert default > 18, default
     assert kept < default / 2, (kept, default)
