@@ -25,7 +25,9 @@ HOW = "bash scripts/cluster/ray_local.sh up; export RAY_ADDRESS=http://127.0.0.1
 @pytest.fixture
 def repo(tmp_path):
     require_cluster("Ray", ray_up(), HOW)
-    return LanesRepo(tmp_path / "repo")
+    made = LanesRepo(tmp_path / "repo")
+    made.since_ms = int(time.time() * 1000)  # a cluster that outlived an earlier run keeps its jobs
+    return made
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,11 @@ def client():  # set up before `repo` (a wider scope comes first), so it checks 
 
 
 def our_jobs(client, repo):
-    """{submission id: status} of this test's jobs (their metadata names a worktree of this test)."""
+    """{submission id: status} of this test's jobs: their metadata names a worktree of this test, and
+    they were submitted after it began (a run after `rm -rf` of pytest's folders reuses its paths)."""
     return {job.submission_id: str(job.status.value) for job in client.list_jobs()
-            if str(repo.path.parent) in (job.metadata or {}).get("worktree", "")}
+            if str(repo.path.parent) in (job.metadata or {}).get("worktree", "")
+            and (job.start_time or 0) >= repo.since_ms}
 
 
 def active(jobs):
