@@ -23,8 +23,12 @@ PORT=${RAY_LOCAL_PORT:-6390}
 DASHBOARD_PORT=${RAY_LOCAL_DASHBOARD_PORT:-8265}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 RAY=${RAY:-$([ -x "$REPO/.venv/bin/ray" ] && echo "$REPO/.venv/bin/ray" || echo ray)}
-# Ray's own temp dir must stay short: it names Unix sockets after it (107-byte limit).
+# Ray's own temp dirs must stay short: it names Unix sockets after them (107-byte limit). Each node
+# has its own, as on separate machines: two nodes sharing one unpack a job's working_dir into the
+# same folder, and the second node's agent, not knowing the package, deletes and re-unpacks it
+# under a job the first node has just started (its driver then has no working directory).
 TEMP=$ROOT/t
+WORKER_TEMP=$ROOT/w
 
 ray_pids() {  # every process of ours: the two sessions `up` started, and whatever names our folders
     local sessions stat pid
@@ -37,7 +41,7 @@ ray_pids() {  # every process of ours: the two sessions `up` started, and whatev
         # of their own, but keep our HOME in their environment.
         if [[ "$sessions" == *" ${fields[5]} "* ]] ||
            { tr '\0' '\n' <"/proc/$pid/cmdline"; tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null |
-               grep -q -e "$TEMP" -e "^HOME=$ROOT/home$"; then
+               grep -q -e "$TEMP" -e "$WORKER_TEMP" -e "^HOME=$ROOT/home$"; then
             echo "$pid"
         fi
     done
@@ -48,10 +52,10 @@ ray_pids() {  # every process of ours: the two sessions `up` started, and whatev
 # skips the wait only when it has all of them: NodeManager::WaitForDashboardAgentPorts in the
 # raylet binary), and then aborts the node; on this box the agent has taken 25-30 s to get there. The listen port is fixed here, so the file's content is known: write it for the
 # raylet as soon as the raylet is up. The agent, when it is up, writes the same number again.
-answer_listen_port() {  # $1: the node's --dashboard-agent-grpc-port, $2: its listen port
+answer_listen_port() {  # $1: the node's --dashboard-agent-grpc-port, $2: its listen port, $3: its temp dir
     local pid args session node file
     for _ in $(seq 3000); do
-        pid=$(pgrep -f -- "raylet/raylet .*--temp_dir=$TEMP .*--metrics-agent-port=$1( |$)" | head -1)
+        pid=$(pgrep -f -- "raylet/raylet .*--temp_dir=$3 .*--metrics-agent-port=$1( |$)" | head -1)
         if [ -n "$pid" ] && args=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null); then
             session=$(sed -n 's/^--session_dir=//p' <<<"$args")
             node=$(sed -n 's/^--node_id=//p' <<<"$args")
@@ -66,7 +70,7 @@ answer_listen_port() {  # $1: the node's --dashboard-agent-grpc-port, $2: its li
 }
 
 up() {
-    mkdir -p "$ROOT/home" "$TEMP"
+    mkdir -p "$ROOT/home" "$TEMP" "$WORKER_TEMP"
     # Ray gives its dashboard 60 s to register before `ray start` gives up; a CI box busy with
     # installs has taken longer (the dashboard imports ~10 modules, each a subprocess). Give it 5 min.
     export HOME=$ROOT/home RAY_USAGE_STATS_ENABLED=0 PATH=$(dirname "$RAY"):$PATH \
@@ -88,7 +92,7 @@ up() {
     ip=$("$python" -c 'from ray._private.services import get_node_ip_address as g; print(g())' 2>/dev/null || echo 127.0.0.1)
     local common=(--node-ip-address "$ip" --num-cpus 1 --num-gpus "$NGPUS"
                   --object-store-memory 100000000 --disable-usage-stats)
-    answer_listen_port 52375 52365 &
+    answer_listen_port 52375 52365 "$TEMP" &
     local answer_head=$!
     # --block keeps one supervisor per node in the foreground of its own process group.
     setsid "$RAY" start --head --block --port "$PORT" --temp-dir "$TEMP" --include-dashboard true \
@@ -104,9 +108,9 @@ up() {
     done
     curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" >/dev/null || { kill $answer_head 2>/dev/null; tail -20 "$ROOT/head.log" >&2; return 1; }
     # A second node on the same machine needs its own agent ports, else its job logs fail.
-    answer_listen_port 52376 52366 &
+    answer_listen_port 52376 52366 "$WORKER_TEMP" &
     local answer_worker=$!
-    setsid "$RAY" start --block --address "$ip:$PORT" "${common[@]}" \
+    setsid "$RAY" start --block --address "$ip:$PORT" --temp-dir "$WORKER_TEMP" "${common[@]}" \
         --dashboard-agent-listen-port 52366 --dashboard-agent-grpc-port 52376 \
         --runtime-env-agent-port 52386 --metrics-export-port 52396 \
         >"$ROOT/worker.log" 2>&1 &
@@ -145,7 +149,7 @@ attempts() {  # on a loaded box an agent that missed the raylet's deadline once 
         echo "ray_local: start $k failed; stopping it and starting again" >&2
         down
     done
-    echo "ray_local: Ray did not start in ${RAY_LOCAL_ATTEMPTS:-5} attempts (logs: $TEMP/session_latest/logs)" >&2
+    echo "ray_local: Ray did not start in ${RAY_LOCAL_ATTEMPTS:-5} attempts (logs: $TEMP/session_latest/logs, $WORKER_TEMP/session_latest/logs)" >&2
     return 1
 }
 
