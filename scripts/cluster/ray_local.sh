@@ -80,7 +80,8 @@ up() {
     # 127.0.0.1:PORT` rewrites a loopback address to that one, so a head bound to 127.0.0.1 is
     # unreachable from the second node whenever the machine has a routed interface.
     # Ray's agents import slowly on a loaded box (25-30 s seen here), so compile Ray's modules
-    # first (a fresh venv has no bytecode: uv writes none) and import them once...
+    # first (uv sync does, as pyproject.toml asks; a venv made otherwise may have no bytecode) and
+    # import them once...
     local python site
     python="$(dirname "$(command -v "$RAY")")/python"
     [ -x "$python" ] || python=python3
