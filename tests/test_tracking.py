@@ -42,7 +42,10 @@ def mlflow_server(tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-                              cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                              cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              # no job runners (huey consumers, for MLflow's GenAI jobs): tracking needs
+                              # none, and they took 58 CPU s of a suite run
+                              env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300  # a slow box took over 90 s
