@@ -1,4 +1,4 @@
-"""The set-up (`uv sync`): what a fresh clone gets before its first experiment."""
+"""The set-up (`uv sync --compile-bytecode`): what a fresh clone gets before its first experiment."""
 
 import importlib.util
 from pathlib import Path
@@ -16,4 +16,4 @@ def test_what_the_sandbox_imports_is_compiled_before_the_first_run(package):
              or cached.stat().st_mtime < source.stat().st_mtime]
     # A file written for a newer Python does not compile on this one (torch 2.15: 1, for 3.12).
     assert len(stale) <= 2, (f"{len(stale)} of {package}'s modules have no bytecode (first: {stale[:3]}); "
-                             f"run `uv sync` (pyproject.toml asks it to compile them)")
+                             "run `uv sync --compile-bytecode`")

@@ -33,7 +33,8 @@ image = (
     .pip_install("uv")
     .add_local_file(PROJECT / "pyproject.toml", f"{REMOTE}/pyproject.toml", copy=True)
     .add_local_file(PROJECT / "uv.lock", f"{REMOTE}/uv.lock", copy=True)
-    .run_commands(f"cd {REMOTE} && uv sync --locked --no-install-project")
+    # bytecode compiled into the image, not again in every container
+    .run_commands(f"cd {REMOTE} && uv sync --locked --no-install-project --compile-bytecode")
     .add_local_file(PROJECT / "prepare.py", f"{REMOTE}/prepare.py")
 )
 volume = modal.Volume.from_name("autoresearch-cache", create_if_missing=True)

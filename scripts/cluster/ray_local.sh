@@ -80,7 +80,7 @@ up() {
     # 127.0.0.1:PORT` rewrites a loopback address to that one, so a head bound to 127.0.0.1 is
     # unreachable from the second node whenever the machine has a routed interface.
     # Ray's agents import slowly on a loaded box (25-30 s seen here), so compile Ray's modules
-    # first (uv sync does, as pyproject.toml asks; a venv made otherwise may have no bytecode) and
+    # first (the set-up's `uv sync --compile-bytecode` has; a venv made otherwise may have none) and
     # import them once...
     local python site
     python="$(dirname "$(command -v "$RAY")")/python"
