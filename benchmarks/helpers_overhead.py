@@ -11,7 +11,6 @@ Usage:
 """
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -24,6 +23,8 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 FAKES = PROJECT / "tests" / "fixtures" / "fake_train"
+sys.path.insert(0, str(PROJECT / "tests"))
+from repos import commit_new_repository, write_standin_manifest  # noqa: E402  (one recipe with the tests)
 
 
 def timed(command, cwd, env):
@@ -40,12 +41,8 @@ def make_repository(root):
     shutil.copy(PROJECT / ".gitignore", repo)
     shutil.copy(FAKES / "prepare_standin.py", repo / "prepare.py")  # scores the fakes' "models" without torch
     (repo / "train.py").write_text("LR = 0.04\n")
-    (cache / "prepared").mkdir(parents=True)
-    (cache / "prepared" / "prepared.json").write_text(json.dumps(
-        {"profile": "cpu", "dataset": "builtin", "time_budget": 60}))
-    for command in (["init", "-q", "-b", "main"], ["config", "user.name", "bench"],
-                    ["config", "user.email", "bench@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
-        subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
+    write_standin_manifest(cache, time_budget=60)
+    commit_new_repository(repo)
     env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
     return repo, env
 

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT / "tests"))
+from repos import commit_new_repository  # noqa: E402  (one recipe with the tests)
 BUSY_LOOP = "while True: pass"
 
 
@@ -47,9 +49,7 @@ def copy_project(root):
         shutil.copy(PROJECT / name, repo)
     for folder in ("scripts", "skills"):
         shutil.copytree(PROJECT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    for command in (["init", "-q", "-b", "main"], ["config", "user.name", "bench"],
-                    ["config", "user.email", "bench@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
-        subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
+    commit_new_repository(repo)
     return repo
 
 

@@ -35,6 +35,9 @@ FAKES = PROJECT / "tests" / "fixtures" / "fake_train"
 sys.path.insert(0, str(PROJECT / "scripts"))
 import common  # noqa: E402
 
+sys.path.insert(0, str(PROJECT / "tests"))
+from repos import commit_new_repository, write_standin_manifest  # noqa: E402  (one recipe with the tests)
+
 
 def measured_noise():
     session = common.read_json(common.SESSION_FILE) or {}
@@ -63,12 +66,8 @@ def night_through_the_helpers(noise, experiments):
         shutil.copy(PROJECT / ".gitignore", repo)
         shutil.copy(FAKES / "prepare_standin.py", repo / "prepare.py")
         (repo / "train.py").write_text("DEPTH = 8\n")
-        (cache / "prepared").mkdir(parents=True)
-        (cache / "prepared" / "prepared.json").write_text(json.dumps(
-            {"profile": "cpu", "dataset": "builtin", "time_budget": 60}))
-        for command in (["init", "-q", "-b", "main"], ["config", "user.name", "bench"],
-                        ["config", "user.email", "bench@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
-            subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
+        write_standin_manifest(cache, time_budget=60)
+        commit_new_repository(repo)
         env = dict(os.environ, AUTORESEARCH_CACHE=str(cache), FAKE_NOISE_BPB=str(noise),
                    AUTORESEARCH_TRAIN_COMMAND=shlex.join([sys.executable, str(FAKES / "noisy.py")]))
         env.pop("AUTORESEARCH_SEED", None)

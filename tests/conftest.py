@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from repos import commit_new_repository
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,10 +72,17 @@ def copy_project(tmp_path):
     for name in ("prepare.py", "train.py", ".gitignore"):
         shutil.copy(ROOT / name, repo)
     shutil.copytree(ROOT / "scripts", repo / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
-    for command in (["init", "-q", "-b", "main"], ["config", "user.name", "Test"],
-                    ["config", "user.email", "test@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
-        subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
+    commit_new_repository(repo)
     return repo
+
+
+def pid_gone(pid):
+    """Gone, or a zombie waiting for init to reap it (it holds no resources)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
 
 
 def client_binary(name, label, require_variable):

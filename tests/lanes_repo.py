@@ -19,6 +19,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import pid_gone  # noqa: F401  (the lane tests import it from here)
+from repos import commit_new_repository, write_standin_manifest
 
 PROJECT = Path(__file__).resolve().parent.parent
 LANE_TRAIN = PROJECT / "tests" / "fixtures" / "cluster" / "lane_train.py"
@@ -66,10 +68,7 @@ class LanesRepo:
             shutil.copy(PROJECT / name, path)
         for folder in ("scripts", "skills"):
             shutil.copytree(PROJECT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
-        (self.cache / "prepared").mkdir(parents=True)
-        (self.cache / "prepared" / "prepared.json").write_text(json.dumps(
-            {"profile": "cpu", "dataset": "builtin", "max_seq_len": 256, "time_budget": 5, "eval_tokens": 4096,
-             "vocab_size": 512, "prepared_at": "2026-11-23T00:00:00+00:00"}))
+        write_standin_manifest(self.cache)
         self.env = dict(os.environ, AUTORESEARCH_CACHE=str(self.cache), FAKE_TRACE=str(self.trace),
                         AUTORESEARCH_SANDBOX_SHARE=str(self.trace.parent),
                         FAKE_SECONDS=str(fake_seconds), HOME=str(path.parent / "home"),
@@ -78,8 +77,7 @@ class LanesRepo:
         (path.parent / "home").mkdir()
         for key in ("AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE", "AUTORESEARCH_TRAIN_COMMAND", "FAKE_HANG"):
             self.env.pop(key, None)
-        for command in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
-            self.git(*command)
+        commit_new_repository(path, env=self.env)
 
     def git(self, *args, cwd=None):
         return subprocess.run(["git", *args], cwd=cwd or self.path, env=self.env, check=True, capture_output=True,
@@ -136,14 +134,6 @@ def overlapping(runs):
     """Pairs of finished runs whose [start, end] intervals overlap."""
     runs = sorted(runs, key=lambda run: run["start"])
     return [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:] if b["start"] < a["end"]]
-
-
-def pid_gone(pid):
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state in ("Z", "X")
 
 
 def wait_for(predicate, timeout, interval=0.5):

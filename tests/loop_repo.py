@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from repos import commit_new_repository, write_standin_manifest
+
 PROJECT = Path(__file__).resolve().parent.parent
 FIXTURES = PROJECT / "tests" / "fixtures"
 BOWL = FIXTURES / "fake_train_loop" / "bowl.py"
@@ -32,18 +34,14 @@ class LoopRepo:
         for folder in ("scripts", "skills"):
             shutil.copytree(PROJECT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
         if cache is None:
-            (self.cache / "prepared").mkdir(parents=True)
-            (self.cache / "prepared" / "prepared.json").write_text(json.dumps(
-                {"profile": "cpu", "dataset": "builtin", "max_seq_len": 256, "time_budget": 5, "eval_tokens": 4096,
-                 "vocab_size": 512, "prepared_at": "2026-11-23T00:00:00+00:00"}))
+            write_standin_manifest(self.cache)
         self.env = dict(os.environ, AUTORESEARCH_CACHE=str(self.cache),
                         AUTORESEARCH_TRAIN_COMMAND=f"{sys.executable} {BOWL}",
                         GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
                         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
         for key in ("AUTORESEARCH_SEED", "AUTORESEARCH_PROFILE", "AUTORESEARCH_DATASET", "AUTORESEARCH_LOOP_KILL_AT"):
             self.env.pop(key, None)
-        for command in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
-            self.git(*command)
+        commit_new_repository(self.path, env=self.env)
 
     def loop(self, *args, env=None, timeout=120):
         return subprocess.run([sys.executable, "scripts/loop.py", *args], cwd=self.path,

@@ -20,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import client_binary  # noqa: E402
+from repos import commit_new_repository, write_standin_manifest  # noqa: E402
 from scripted_model import ScriptedModel, action, new_text, text, tool_results, tool_use  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,10 +50,7 @@ def workspace(tmp_path):
             shutil.copy2(source, target)
     home, cache = tmp_path / "home", tmp_path / "cache"
     home.mkdir()
-    (cache / "prepared").mkdir(parents=True)
-    (cache / "prepared" / "prepared.json").write_text(json.dumps({
-        "profile": "cpu", "dataset": "builtin", "max_seq_len": 256, "time_budget": 60,
-        "eval_tokens": 4096, "vocab_size": 512, "prepared_at": "2026-11-23T00:00:00Z"}))
+    write_standin_manifest(cache, time_budget=60)
     env = {
         "PATH": os.environ["PATH"], "HOME": str(home), "LANG": "C.UTF-8",
         "ANTHROPIC_API_KEY": "sk-ant-test-not-a-real-key",
@@ -63,8 +61,7 @@ def workspace(tmp_path):
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
     }
-    for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "copy"]):
-        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
+    commit_new_repository(root, message="copy", env=env)
     return root, env
 
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import pid_gone
+from repos import commit_new_repository, write_standin_manifest
 
 PROJECT = Path(__file__).resolve().parent.parent
 FAKES = PROJECT / "tests" / "fixtures" / "fake_train"
@@ -96,13 +98,8 @@ def repo(tmp_path):
         shutil.copytree(templates, path / "skills" / "ml-experiment-loop" / "templates")
     shutil.copy(FAKES / "prepare_standin.py", path / "prepare.py")  # its hash and its `score` matter here
     (path / "train.py").write_text("DEPTH = 8\nLR = 0.04\nBATCH = 64\n")
-    (cache / "prepared").mkdir(parents=True)
-    (cache / "prepared" / "prepared.json").write_text(json.dumps(
-        {"profile": "cpu", "dataset": "builtin", "max_seq_len": 256, "time_budget": 1, "eval_tokens": 4096,
-         "vocab_size": 512, "prepared_at": "2026-11-23T00:00:00+00:00"}))
-    for command in (["init", "-q", "-b", "main"], ["config", "user.name", "Test"],
-                    ["config", "user.email", "test@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
-        subprocess.run(["git", *command], cwd=path, check=True, capture_output=True)
+    write_standin_manifest(cache, time_budget=1)
+    commit_new_repository(path)
     return Repo(path, cache)
 
 
@@ -110,15 +107,6 @@ def repo(tmp_path):
 def session(repo):
     ok(repo.run("setup", "--tag", "test", "--noise-runs", "0"))
     return repo
-
-
-def pid_gone(pid):
-    """Gone, or a zombie waiting for init to reap it (it holds no resources)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state in ("Z", "X")
 
 
 def hang_pids(repo):

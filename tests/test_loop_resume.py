@@ -11,9 +11,9 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
+from conftest import pid_gone
 from loop_repo import LoopRepo, agent, check_consistent, description, ok
 
 BASELINE_STAGES = ["commit", "train", "triage", "record", "decide", "remember", "stop-check"]
@@ -59,13 +59,6 @@ def test_kill_9_at_every_stage_with_the_random_proposer(repo):
 def test_kill_9_at_every_stage_with_an_agent(repo):
     rows = resume_after_every_kill(repo, ["--agent", "claude", "--agent-bin", agent("raises_lr.py")], iterations=(1,))
     assert [description(row) for row in rows[1:]] == ["matrix lr 0.03 -> 0.045", "matrix lr 0.045 -> 0.0675"]
-
-
-def pid_gone(pid):
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def test_kill_9_of_the_whole_loop_mid_training_records_the_run_as_a_crash(repo, tmp_path):

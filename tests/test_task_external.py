@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from repos import commit_new_repository
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -107,9 +108,7 @@ def make_repo(tmp_path, direction="lower", task=None):
     (path / "data").mkdir()
     (path / "data" / "val_000.bin").write_text("evaluation only\n")
     (path / "autoresearch.toml").write_text(task or TASK.format(python=sys.executable, direction=direction))
-    for command in (["init", "-q", "-b", "main"], ["config", "user.name", "Test"],
-                    ["config", "user.email", "test@example.com"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
-        subprocess.run(["git", *command], cwd=path, check=True, capture_output=True)
+    commit_new_repository(path)
     return Repo(path)
 
 
