@@ -622,7 +622,11 @@ def parse_summary(text):
 
 
 TRACEBACK_HEADER = "Traceback (most recent call last):"
-RANK_PREFIX = re.compile(r"^\[rank\d+\]: ?")
+# Searched for anywhere in a line: another process's last line, left without its newline, can
+# come before it (Triton's nanobind leak report at a rank's exit does).
+RANK_PREFIX = re.compile(r"\[rank(\d+)\]: ?")
+ROOT_CAUSE = "Root Cause (first observed failure):"
+ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
 
 
 def triage(log_tail, exit_code, timed_out, timeout_s=None):
@@ -631,9 +635,7 @@ def triage(log_tail, exit_code, timed_out, timeout_s=None):
     kind is one of timeout, oom, fast_fail, exception, signal, no_summary; checked in that order
     because an out-of-memory error is also an exception, and a timeout ends in a signal."""
     lines = [line.rstrip() for line in log_tail.splitlines()]
-    # Under torchrun a rank's own output comes prefixed `[rankN]: `, and torchrun's ChildFailedError
-    # traceback follows it: the failing rank's exception is the one that says what went wrong.
-    ranked = [RANK_PREFIX.sub("", line) for line in lines if RANK_PREFIX.match(line)]
+    ranked = _failing_rank_lines(lines)
     if timed_out:
         return {"kind": "timeout", "detail": f"no result within the {timeout_s:g} s timeout; "
                 "the process group was killed", "excerpt": []}
@@ -660,6 +662,21 @@ def triage(log_tail, exit_code, timed_out, timeout_s=None):
                 "excerpt": [line for line in lines if line.strip()][-1:]}
     return {"kind": "no_summary", "detail": f"exit code {exit_code}, no summary block (--- then val_bpb:)",
             "excerpt": [line for line in lines if line.strip()][-1:]}
+
+
+def _failing_rank_lines(lines):
+    """Under torchrun a rank's own output comes prefixed `[rankN]: `, and torchrun's ChildFailedError
+    traceback follows it: the failing rank's exception is the one that says what went wrong. When one
+    rank raises, the others fail after it in the collective it left (gloo: "Connection closed by
+    peer"), so the lines are those of the rank torchrun names as the root cause, else of every rank."""
+    ranked = [(match.group(1), line[match.end():]) for line in lines if (match := RANK_PREFIX.search(line))]
+    root = None
+    for number, line in enumerate(lines):
+        if line.startswith(ROOT_CAUSE):
+            root = next((match.group(1) for following in lines[number + 1:number + 8]
+                         if (match := ROOT_CAUSE_RANK.match(following))), None)
+    own = [text for rank, text in ranked if rank == root]
+    return own if _exception_line(own) else [text for _, text in ranked]
 
 
 def _exception_line(lines):

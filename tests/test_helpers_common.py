@@ -52,6 +52,36 @@ def test_triage_order_and_details():
     assert common.triage("step 1\n", 0, False)["kind"] == "no_summary"
 
 
+
+def torchrun_log(glued=""):
+    """What torchrun printed when rank 1 raised and rank 0, waiting in an all-reduce, then failed in
+    gloo (seen in a suite run); `glued`: another process's last line, left without its newline."""
+    return (
+        "step 00001 | loss 8.3174\n"
+        "[rank1]: Traceback (most recent call last):\n"
+        '[rank1]:   File "crash_on_rank_1.py", line 20, in failing_dataloader\n'
+        '[rank1]:     raise RuntimeError("rank 1 broke at step 2")\n'
+        "[rank1]: RuntimeError: rank 1 broke at step 2\n"
+        f"{glued}[rank0]: Traceback (most recent call last):\n"
+        '[rank0]:   File "train.py", line 438, in combine_ranks\n'
+        "[rank0]:     dist.all_reduce(both)\n"
+        "[rank0]: RuntimeError: [gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:2980.\n"
+        "Traceback (most recent call last):\n"
+        '  File "torch/distributed/launcher/api.py", line 386, in launch_agent\n'
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        "Failures:\n[1]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : -15 (pid: 22153)  (SIGTERM)\n"
+        "Root Cause (first observed failure):\n[0]:\n  time      : 2026-12-06_22:46:09\n"
+        "  host      : localhost\n  rank      : 1 (local_rank: 1)\n  exitcode  : 1 (pid: 22154)\n")
+
+
+@pytest.mark.parametrize("glued", ["", "See https://nanobind.readthedocs.io/en/latest/refleaks.html"])
+def test_under_torchrun_the_rank_that_failed_first_is_the_one_triaged(glued):
+    # The other ranks fail after it, in the collective it left; torchrun names the first failure.
+    failure = common.triage(torchrun_log(glued), 1, False)
+    assert failure["kind"] == "exception"
+    assert failure["detail"] == "RuntimeError: rank 1 broke at step 2", failure
+    assert failure["excerpt"] == ['File "crash_on_rank_1.py", line 20, in failing_dataloader']
+
 def test_format_row_keeps_one_line_of_five_fields():
     row = common.LedgerRow("0123456789abcdef", 0.99, 44.04, "keep", "tabs\tand\nnewlines  squeezed")
     line = common.format_row(row)
