@@ -84,9 +84,46 @@ def _sse_events(step, index):
     yield "message_stop", {"type": "message_stop"}
 
 
+class JSONHandler(BaseHTTPRequestHandler):
+    """What both scripted APIs' handlers share: quiet, JSON answers, server-sent event streams."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def read_json(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(length) or b"{}")
+
+    def _send_json(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_events(self, events):
+        """(event name or None, payload) pairs as one streamed answer; the connection then closes."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for event, data in events:
+            head = f"event: {event}\n" if event else ""
+            self.wfile.write(f"{head}data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
+        self.wfile.flush()
+        self.close_connection = True
+
+
 class LoopbackServer:
     """A threaded HTTP server on 127.0.0.1 that plays a script of model steps; subclasses give
-    the handler (the API it speaks) and next_step. A context manager: serving inside `with`."""
+    the handler (the API it speaks). A context manager: serving inside `with`.
+
+    When the script runs out it keeps answering with `fallback` text, so a CLI that goes on
+    past the script ends its turn instead of hanging.
+    """
 
     def __init__(self, script, fallback="Script finished."):
         self.script = list(script)
@@ -112,44 +149,28 @@ class LoopbackServer:
         self._server.server_close()
         self._thread.join(timeout=5)
 
-
-class ScriptedModel(LoopbackServer):
-    """A Messages-API server on 127.0.0.1 that plays `script`, one step per main-loop request.
-
-    When the script runs out it keeps answering with `fallback` text, so a CLI that goes on
-    past the script ends its turn instead of hanging.
-    """
-
-    def next_step(self, body):
-        """Record `body` and pick the answer: the next script step, or a side answer."""
+    def next_step(self, body, recorded=None):
+        """Record the request (`recorded`, default its body) and pick the answer, with the index
+        that names it: the next script step, or for a request that offers no tools a side answer
+        that leaves the script alone."""
         with self._lock:
             if not body.get("tools"):
-                self.side_requests.append(body)
-                return text("ok"), len(self.agent_requests) + 900
-            self.agent_requests.append(body)
-            index = len(self.agent_requests)
+                self.side_requests.append(body if recorded is None else recorded)
+                return text("ok"), 900 + len(self.side_requests)
+            self.agent_requests.append(body if recorded is None else recorded)
             while self.script and self.script[0]["type"] == "action":
                 self.script.pop(0)["run"]()
             step = self.script.pop(0) if self.script else text(self.fallback)
-            return step, index
+            return step, len(self.agent_requests)
+
+
+class ScriptedModel(LoopbackServer):
+    """A Messages-API server on 127.0.0.1 that plays `script`, one step per main-loop request."""
 
     def _handler_class(self):
         model = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-            def _send_json(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def do_GET(self):
                 model.other_paths.append(("GET", self.path))
                 self._send_json(404, {"type": "error", "error": {"type": "not_found_error", "message": "scripted model"}})
@@ -160,8 +181,7 @@ class ScriptedModel(LoopbackServer):
                 self.end_headers()
 
             def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
+                body = self.read_json()
                 path = self.path.split("?")[0]
                 if path.endswith("/count_tokens"):
                     self._send_json(200, {"input_tokens": 100})
@@ -174,15 +194,7 @@ class ScriptedModel(LoopbackServer):
                 if not body.get("stream"):
                     self._send_json(200, _final_message(step, index))
                     return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                for event, data in _sse_events(step, index):
-                    self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
-                self.wfile.flush()
-                self.close_connection = True
+                self.send_events(_sse_events(step, index))
 
         return Handler
 

@@ -18,9 +18,8 @@ Usage (in a test):
 """
 
 import json
-from http.server import BaseHTTPRequestHandler
 
-from scripted_model import LoopbackServer, action, text, tool_use  # noqa: F401  (the step makers, re-exported)
+from scripted_model import JSONHandler, LoopbackServer, action, text, tool_use  # noqa: F401  (the step makers, re-exported)
 
 FREEFORM_TOOLS = ("apply_patch",)  # Codex's custom tools: the input is raw text, not JSON arguments
 
@@ -28,34 +27,10 @@ FREEFORM_TOOLS = ("apply_patch",)  # Codex's custom tools: the input is raw text
 class ScriptedOpenAI(LoopbackServer):
     """A Responses + Chat Completions server on 127.0.0.1 that plays `script`."""
 
-    def next_step(self, api, body):
-        with self._lock:
-            if not body.get("tools"):
-                self.side_requests.append((api, body))
-                return text("ok"), 900 + len(self.side_requests)
-            self.agent_requests.append((api, body))
-            while self.script and self.script[0]["type"] == "action":
-                self.script.pop(0)["run"]()
-            step = self.script.pop(0) if self.script else text(self.fallback)
-            return step, len(self.agent_requests)
-
     def _handler_class(self):
         model = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-            def _send_json(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def do_GET(self):
                 model.other_paths.append(("GET", self.path))
                 if self.path.split("?")[0].endswith("/models"):
@@ -64,8 +39,7 @@ class ScriptedOpenAI(LoopbackServer):
                 self._send_json(404, {"error": {"message": "scripted model", "type": "not_found"}})
 
             def do_POST(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
+                body = self.read_json()
                 path = self.path.split("?")[0]
                 if path.endswith("/responses"):
                     api, events = "responses", _responses_events
@@ -75,17 +49,8 @@ class ScriptedOpenAI(LoopbackServer):
                     model.other_paths.append(("POST", self.path))
                     self._send_json(404, {"error": {"message": "scripted model", "type": "not_found"}})
                     return
-                step, index = model.next_step(api, body)
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                for event, data in events(step, index):
-                    head = f"event: {event}\n" if event else ""
-                    self.wfile.write(f"{head}data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
-                self.wfile.flush()
-                self.close_connection = True
+                step, index = model.next_step(body, recorded=(api, body))
+                self.send_events(events(step, index))
 
         return Handler
 
