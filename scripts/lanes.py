@@ -283,12 +283,13 @@ def command_plot(args):
     direction = metric_direction(lanes)
     if not any(common.experiments(rows) for _name, rows in ledgers):
         raise common.Refusal("no lane has an experiment yet: nothing to plot")
-    import matplotlib  # here: a second of start-up that a refusal should not pay
+    from matplotlib.figure import Figure  # here: a second of start-up that a refusal should not pay
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import plot
 
-    fig, ax = plt.subplots(figsize=(12, 6), dpi=120)
+    fig = Figure(figsize=(12, 6), dpi=120)
+    ax = fig.subplots()
     best_overall = None
     for index, (name, rows) in enumerate(ledgers):
         color = f"C{index % 10}"
@@ -309,6 +310,7 @@ def command_plot(args):
         ax.scatter([best_overall[2]], [best_overall[1]], marker="*", s=200, color="black", zorder=4,
                    label=f"global best {best_overall[1]:.6f} ({best_overall[0]})")
     ax.set_xlabel("experiment (in its lane)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if set_task(lanes):  # better stays down: the axis turned over where higher is better, as plot.py does
         ax.set_ylabel(f"{set_task(lanes)['metric']} ({direction} is better, self-reported)")
         if direction == "higher":
@@ -321,10 +323,7 @@ def command_plot(args):
     ax.set_title(f"autoresearch lanes {lanes['tag']} ({lanes['backend']}): {len(ledgers)} lanes, {total} experiments")
     fig.tight_layout()
     output = Path(args.output or LANES_DIR / f"{lanes['tag']}-progress.png").resolve()
-    temporary = output.with_name(f".{output.name}.tmp.png")
-    fig.savefig(temporary)
-    plt.close(fig)
-    os.replace(temporary, output)
+    plot.save(fig, output)
     print(f"wrote {os.path.relpath(output)} ({len(ledgers)} lanes, {total} experiments)")
     return 0
 

@@ -37,11 +37,12 @@ def y_limits(kept, discarded, sign=1):
     return sign * (min(values) - 0.05 * span), sign * (high + 0.5 * span)
 
 
-def draw(rows, title_tag, output):
-    import matplotlib  # here, not at the top: a second of start-up that a refusal should not pay
-
-    matplotlib.use("Agg")  # no display on a GPU box
-    import matplotlib.pyplot as plt
+def figure(rows, title_tag):
+    """The picture of `rows` as a matplotlib Figure, and the number of experiments in it."""
+    # Here, not at the top: a second of start-up that a refusal should not pay. A Figure of its
+    # own, not pyplot's: no display on a GPU box, and no global state.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     runs = common.experiments(rows)
     position = {id(row): number for number, row in enumerate(runs, start=1)}
@@ -49,7 +50,8 @@ def draw(rows, title_tag, output):
     discarded = [row for row in runs if row.status == "discard"]
     crashed = sum(row.status == "crash" for row in runs)
     invalid = sum(row.status == "invalid" for row in runs)
-    fig, ax = plt.subplots(figsize=(12, 6), dpi=120)
+    fig = Figure(figsize=(12, 6), dpi=120)
+    ax = fig.subplots()
     direction, metric = common.metric_direction(), common.metric_name()
     sign = -1 if direction == "higher" else 1
     if kept or discarded:
@@ -57,7 +59,7 @@ def draw(rows, title_tag, output):
         inside = [row for row in discarded if sign * row.val_bpb <= sign * top]
         above = [row for row in discarded if sign * row.val_bpb > sign * top]
         ax.scatter([position[id(r)] for r in inside], [r.val_bpb for r in inside], s=14, color="0.55",
-                   alpha=0.35, label=f"discarded ({len(discarded)})")
+                   alpha=0.35, label=f"discarded ({len(inside)})")  # the ones off the top: their own entry
         if above:
             ax.scatter([position[id(r)] for r in above], [top] * len(above), marker="^", s=18, color="0.55",
                        alpha=0.35, clip_on=False, label=f"discarded, off the top ({len(above)})")
@@ -82,6 +84,7 @@ def draw(rows, title_tag, output):
         ax.set_ylim(bottom, top)  # with sign -1 bottom > top: matplotlib turns the axis over
         ax.legend(loc="upper right", fontsize=8)
     ax.set_xlim(0.5, max(len(runs), 1) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experiment 2, not 2.5
     ax.set_xlabel("experiment")
     external = (common.load_session() or {}).get("task") == "external"
     ax.set_ylabel(f"{metric} ({direction} is better{', self-reported' if external else ''})")
@@ -92,11 +95,20 @@ def draw(rows, title_tag, output):
                  f"{len(discarded)} discarded, {crashed} crashed"
                  f"{f', {invalid} invalid' if invalid else ''}{best_text}")
     fig.tight_layout()
+    return fig, len(runs)
+
+
+def save(fig, output):
+    """Writes the PNG whole or not at all: whoever opens it mid-run never sees half a picture."""
     temporary = output.with_name(f".{output.name}.tmp.png")
     fig.savefig(temporary)
-    plt.close(fig)
     os.replace(temporary, output)
-    return len(runs)
+
+
+def draw(rows, title_tag, output):
+    fig, count = figure(rows, title_tag)
+    save(fig, output)
+    return count
 
 
 def main():

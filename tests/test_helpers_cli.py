@@ -523,5 +523,23 @@ def test_plot_writes_progress_png(session, count):
     assert (session.path / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+
+def test_the_plot_counts_each_discard_once_and_numbers_experiments_in_whole_steps(session):
+    # The walk's night: a baseline, two discards far above it (drawn at the top edge), one below it.
+    with open(session.path / "results.tsv", "a") as f:
+        for number, (value, status) in enumerate([(1.676213, "keep"), (1.724848, "discard"),
+                                                  (1.710778, "discard"), (1.667404, "discard")]):
+            f.write(f"{number:07x}\t{value:.6f}\t0.0\t{status}\tidea number {number}\n")
+    probe = ("import sys; sys.path.insert(0, 'scripts'); import common, plot\n"
+             "figure = plot.figure(common.read_ledger(), 'test')[0]\n"
+             "axes = figure.axes[0]\n"
+             "print([text.get_text() for text in axes.get_legend().get_texts()])\n"
+             "print([float(tick) for tick in axes.get_xticks() if axes.get_xlim()[0] <= tick <= axes.get_xlim()[1]])\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=session.path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    legend, ticks = (eval(line) for line in result.stdout.splitlines())  # noqa: S307 (our own probe's output)
+    assert legend[:3] == ["discarded (1)", "discarded, off the top (2)", "kept (1)"], legend
+    assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+
 def test_plot_refuses_an_empty_ledger(session):
     refused(session.run("plot"), "no experiments")
