@@ -201,7 +201,7 @@ def test_setup_moves_an_earlier_session_aside(session):
 
 def test_keep_improvements_and_discard_a_regression(session):
     first = ok(session.experiment("baseline", 1.0))
-    assert first.startswith("0001 ") and "baseline" in first
+    assert first.startswith("0001 ") and "(baseline; noise 0.001000)" in first  # one run: the noise is as it was
     ok(session.run("decide", "keep"))
     better = ok(session.experiment("lower lr", 0.99))
     assert "improved" in better and "-0.010000" in better

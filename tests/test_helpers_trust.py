@@ -64,7 +64,7 @@ def test_setup_measures_the_noise_floor_records_and_prints_it(repo):  # noqa: F8
     assert "noise 0.001414 (measured: 2 runs of 1 commit)" in ok(repo.run("status"), lines=3)
 
     line = ok(repo.run("experiment", "baseline", train=NOISY))  # seed 42: 1.0, the third sample
-    assert "val_bpb 1.000000 mean of 3 runs (baseline; noise 0.001000)" in line
+    assert "val_bpb 1.000000 mean of 3 runs (baseline; noise 0.001000, re-measured with this run)" in line
     assert session_json(repo)["noise_bpb"] == pytest.approx(0.001) and len(session_json(repo)["noise_runs"]) == 3
     ok(repo.run("decide", "keep"))
     assert repo.rows()[-1][1:] == ["1.000000", "2.0", "keep", "baseline [mean of 3 runs]"]
