@@ -14,6 +14,7 @@ Usage:
 """
 
 import argparse
+import io
 import os
 import sys
 from pathlib import Path
@@ -100,9 +101,9 @@ def figure(rows, title_tag):
 
 def save(fig, output):
     """Writes the PNG whole or not at all: whoever opens it mid-run never sees half a picture."""
-    temporary = output.with_name(f".{output.name}.tmp.png")
-    fig.savefig(temporary)
-    os.replace(temporary, output)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    common.write_bytes_atomic(output, buffer.getvalue())
 
 
 def draw(rows, title_tag, output):
