@@ -15,6 +15,23 @@ from repos import commit_new_repository
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The files that take longest, longest first (wall seconds in one suite run on the 2-core box,
+# 2026-12-07: Ray 109, DDP 93, SLURM 57, tracking 42, the sandbox 41, train 38 ...). pytest-xdist
+# hands whole files to its workers in collection order (`--no-loadscope-reorder` in pyproject.toml;
+# its default orders files by their number of tests, which sent the 30 s single-test gpu_check file
+# out last, to run alone while the other workers sat idle). Files not named here follow, in their
+# usual order. The order only decides which worker starts what first: every test still runs.
+LONGEST_FIRST = ["test_lanes_ray.py", "test_ddp.py", "test_lanes_slurm.py", "test_referee_gpu_check.py",
+                 "test_tracking.py", "test_containment_sandbox.py", "test_train.py", "test_loop_real_train.py",
+                 "test_golf.py", "test_referee_artifact.py", "test_prepare.py", "test_search.py", "test_loop.py",
+                 "test_loop_resume.py", "test_helpers_cli.py", "test_codex_cli.py", "test_loop_agents.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
 def synthetic_documents(count, seed=0):
     """Zipf-distributed made-up words: varied enough for a 4096-token BPE, tiny on disk."""
     rng = random.Random(seed)
