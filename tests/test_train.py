@@ -18,11 +18,14 @@ from conftest import ROOT, SMOKE_TRAIN_TOKENS, manifest_view
 
 @pytest.fixture(scope="module")
 def train(builtin_cache):
-    """train.py imported as a module against the prepared builtin cache (cpu profile)."""
-    os.environ["AUTORESEARCH_CACHE"] = str(builtin_cache)
-    sys.path.insert(0, str(ROOT))
-    import train as module
-    return module
+    """train.py imported as a module against the prepared builtin cache (cpu profile). The cache's
+    variable is set for this file's tests only: left set, it told the guard's in-process tests run
+    later by the same worker that the builtin cache, not ~/.cache/autoresearch, is the one to hide."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTORESEARCH_CACHE", str(builtin_cache))
+        sys.path.insert(0, str(ROOT))
+        import train as module
+        yield module
 
 
 def run_train(script, cache, **extra_env):
