@@ -1,4 +1,5 @@
-"""The README stays in step with the code: CI runs its test command, its commands exist."""
+"""The README stays in step with the code: CI runs its test command, its commands exist; and the
+suite's own order (conftest.py's LONGEST_FIRST) names files that exist."""
 
 import re
 import subprocess
@@ -40,3 +41,10 @@ def test_readme_profiles_table_matches_prepare():
         assert [int(value.replace(",", "")) for value in (sequence, budget, eval_tokens, vocab)] == [
             constants["max_seq_len"], constants.get("train_tokens", constants["time_budget"]),
             constants["eval_tokens"], constants["vocab_size"]]
+
+
+def test_the_longest_first_order_names_test_files_that_exist():
+    # a renamed file would silently lose its early start (conftest.py's LONGEST_FIRST)
+    from conftest import LONGEST_FIRST
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+    assert [name for name in LONGEST_FIRST if not (ROOT / "tests" / name).is_file()] == []
