@@ -29,6 +29,13 @@ import guard_tool_use  # noqa: E402
 HOME = os.path.expanduser("~")
 CACHE = f"{HOME}/.cache/autoresearch"
 
+
+@pytest.fixture(autouse=True)
+def default_cache(monkeypatch):
+    """The tables attack the default cache (CACHE): with AUTORESEARCH_CACHE set, by the caller's shell
+    or left over by another test in this worker, the guard hides that cache instead."""
+    monkeypatch.delenv("AUTORESEARCH_CACHE", raising=False)
+
 # (command, a word the reason must contain)
 BASH_BYPASSES = [
     # interpreters and shells run arbitrary code
