@@ -41,13 +41,13 @@ def run(command, env, cwd=PROJECT, timeout=900):
     return result, time.perf_counter() - started
 
 
-DRY_RUN_TRAIN_TOKENS = 4 * 2**13
+DRY_RUN_TRAIN_TOKENS = 2 * 2**13
 
 
 def prepare_corpus(cache, profile, time_budget, eval_tokens, env):
     """Prepares the built-in corpus; when its val split is too small for eval_tokens, again with what it holds."""
     seq = {"h100": 2048, "gpu": 1024, "cpu": 256}[profile]
-    # the cpu profile's budget is tokens: the dry run's few seconds are four steps of its batch
+    # the cpu profile's budget is tokens: the dry run's few seconds are two steps of its batch
     tokens = ["--train-tokens", str(DRY_RUN_TRAIN_TOKENS)] if profile == "cpu" else []
     for _ in range(2):
         result, seconds = run([sys.executable, str(PROJECT / "prepare.py"), "--dataset", "builtin", "--profile", profile,

@@ -41,7 +41,7 @@ def synthetic_documents(count, seed=0):
     return [" ".join(rng.choices(words, weights=weights, k=rng.randint(20, 200))) + "." for _ in range(count)]
 
 
-SMOKE_TRAIN_TOKENS = 4 * 2**13  # four steps of train.py's cpu batch
+SMOKE_TRAIN_TOKENS = 2 * 2**13  # two steps of train.py's cpu batch
 
 
 def run_prepare(cache, *args, timeout=300):
@@ -52,7 +52,7 @@ def run_prepare(cache, *args, timeout=300):
 
 @pytest.fixture(scope="session")
 def builtin_cache(tmp_path_factory):
-    """The offline corpus prepared once for the cpu profile, with a short budget (4 steps of the
+    """The offline corpus prepared once for the cpu profile, with a short budget (2 steps of the
     cpu batch; the time budget bounds the runs before a baseline is measured) and eval. Once per
     run: pytest-xdist's workers share one copy (the first to take the lock prepares it); the tests
     only read it."""

@@ -35,7 +35,7 @@ def summary(stdout):
 
 @pytest.fixture(scope="module")
 def cache_8_steps(builtin_cache, tmp_path_factory):
-    """The builtin corpus with a budget of 8 steps of the cpu batch (4 steps, conftest's, is where one
+    """The builtin corpus with a budget of 8 steps of the cpu batch (2 steps, conftest's, is where one
     step of the schedule more or less is a large share of the run)."""
     return manifest_view(builtin_cache, tmp_path_factory.mktemp("cache-8-steps"), time_budget=20,
                          train_tokens=8 * 2**13)
