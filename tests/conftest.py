@@ -20,11 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # hands whole files to its workers in collection order (`--no-loadscope-reorder` in pyproject.toml;
 # its default orders files by their number of tests, which sent the 30 s single-test gpu_check file
 # out last, to run alone while the other workers sat idle). Files not named here follow, in their
-# usual order. The order only decides which worker starts what first: every test still runs.
+# usual order: the files of a few seconds, which fill the last gaps, so that no worker runs a 15 s
+# file alone at the end. The order only decides which worker starts what first: every test still runs.
 LONGEST_FIRST = ["test_lanes_ray.py", "test_ddp.py", "test_lanes_slurm.py", "test_referee_gpu_check.py",
                  "test_tracking.py", "test_containment_sandbox.py", "test_train.py", "test_loop_real_train.py",
                  "test_golf.py", "test_referee_artifact.py", "test_prepare.py", "test_search.py", "test_loop.py",
-                 "test_loop_resume.py", "test_helpers_cli.py", "test_codex_cli.py", "test_loop_agents.py"]
+                 "test_loop_resume.py", "test_helpers_cli.py", "test_codex_cli.py", "test_loop_agents.py",
+                 "test_helpers_trust.py", "test_opencode_cli.py", "test_lanes.py", "test_claude_cli.py",
+                 "test_task_external.py", "test_referee_flex.py", "test_referee_probe.py", "test_helpers_referee_real.py"]
 
 
 def pytest_collection_modifyitems(items):
