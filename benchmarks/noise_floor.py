@@ -11,8 +11,8 @@ The cpu profile's budget is training tokens (prepare.py's train_tokens), so the 
 the same steps with the same schedule on a loaded machine, only slower by the wall clock; the
 helper measures the CPU time and stops a run past 1.5x the baseline's. Target: the loaded spread
 within 1.5x of the quiet one, and below 0.02 val_bpb. Six runs of the profile's 2^19 tokens
-(about 90 s of CPU each, three quarters of a minute of wall on two idle cores, twice that under
-the load) plus export and the referee. It also prints how close the loaded runs came to the
+(about 65 s of CPU each, 40 s of wall on two idle cores, three times that under the load) plus
+export and the referee. It also prints how close the loaded runs came to the
 quiet session's compute ceiling.
 
 Measured before the token budget (2026-12-01, 90 CPU-s budget): quiet 0.0127, loaded 0.0197,
@@ -20,7 +20,9 @@ ratio 1.55, and on the idle machine an hour later quiet 0.088 (39 to 63 steps fo
 CPU-seconds). On the token budget (2026-12-02, 2^19 tokens, 13 min in all): quiet 0.019704 (seeds
 43, 44, 42: 1.663977, 1.665719, 1.698943; 64 steps each, 85 to 87 CPU-s), with 2 busy processes the
 same three numbers, bit for bit (89 to 94 CPU-s, three times the wall time), ratio 1.00. What is
-left is the seeds' own spread.
+left is the seeds' own spread. Again on 2026-12-07 (9 min in all): the same six numbers, 62 to 65
+CPU-s a run quiet (36 to 38 s of wall) and 63 to 64 loaded (109 to 111 s), since prepare.py keeps
+the memory a step frees for the next (keep_freed_memory_for_reuse).
 
 Usage:
     uv run benchmarks/noise_floor.py [--train-tokens N] [--eval-tokens N] [--busy N]
