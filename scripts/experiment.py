@@ -431,7 +431,7 @@ def confirm(args):
     seed = runner.next_seed({sample["seed"] for sample in summary["samples"]}, summary["seed"] + 1)
     run_dir = runner.new_run_dir(commit)
     pending["confirmation"] = {"state": "running", "run_dir": str(run_dir.relative_to(common.ROOT)), "seed": seed,
-                               **common.process_marker()}
+                               "started_at": common.now_iso(), **common.process_marker()}
     common.write_json_atomic(common.PENDING_FILE, pending)
     summary["confirmations"].append(run_dir.name)
     link_run_log(run_dir / "run.log")

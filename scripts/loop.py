@@ -928,9 +928,12 @@ def gather_status():
     if pending:
         budget = session.get("time_budget") or 0
         expected = typical_run_seconds() or budget  # start-up, evaluation and the referee come on top of training
-        elapsed = hours_since(pending["started_at"]) * 3600
+        # A confirmation re-runs the commit after its first run has finished: its own clock.
+        confirmation = pending.get("confirmation") or {}
+        confirming = confirmation.get("state") == "running"
+        elapsed = hours_since((confirming and confirmation.get("started_at")) or pending["started_at"]) * 3600
         in_flight = {"id": pending["id"], "description": pending.get("description"),
-                     "state": common.pending_state(pending),
+                     "state": common.pending_state(pending), "run": "confirmation" if confirming else "experiment",
                      "elapsed_s": round(elapsed, 1), "budget_s": budget, "budget": common.budget_text(session),
                      "expected_s": round(expected, 1),
                      "fraction": min(1.0, elapsed / expected) if expected else None,
@@ -986,7 +989,8 @@ def print_status(status):
     if flight:
         bar = progress_bar(flight["fraction"]) if flight["fraction"] is not None else ""
         eta = f", ETA {flight['eta_s']:.0f} s" if flight["eta_s"] is not None else ""
-        print(f"in flight: {flight['id']} {flight['description']} ({flight['state']}) {bar} "
+        run = ", its confirmation" if flight["run"] == "confirmation" else ""
+        print(f"in flight: {flight['id']} {flight['description']} ({flight['state']}{run}) {bar} "
               f"{flight['elapsed_s']:.0f}/{flight['expected_s']:.0f} s (training budget {flight['budget']}){eta}")
     best, baseline = status["best"], status["baseline"]
     if best:

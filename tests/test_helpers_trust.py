@@ -96,6 +96,8 @@ def test_a_marginal_win_that_holds_is_confirmed_on_the_mean_and_kept(measured):
     assert confirmation["seed"] == 43 and confirmation["val_bpb"] == pytest.approx(0.9965)
     assert experiment_summary["confirmations"] == [next((measured.path / "runs").glob("0005-*")).name]
     assert experiment_summary["referee"] == "verified" and experiment_summary["runs"] == 2
+    pending = json.loads((measured.path / "runs" / "pending.json").read_text())
+    assert pending["confirmation"]["started_at"] <= confirmation["started_at"]  # status times the confirmation from it
     refused(measured.run("experiment", "--confirm", train=NOISY), "already confirmed once (confirmed)")
     ok(measured.run("decide", "keep"))
     assert measured.rows()[-1][1:] == ["0.997250", "2.0", "keep", "real but small [mean of 2 runs]"]

@@ -1,8 +1,10 @@
 """The headless loop (scripts/loop.py) with the random proposer, the human queue, the stop
 conditions, stage control and status, in real temporary git repositories with a fake trainer."""
 
+import datetime
 import difflib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import pytest
 from loop_repo import PROJECT, LoopRepo, check_consistent, description, ok
 
 sys.path.insert(0, str(PROJECT / "scripts"))
+import common  # noqa: E402
 import proposers  # noqa: E402
 
 
@@ -113,6 +116,32 @@ def test_a_queued_patch_that_touches_prepare_py_is_rejected_and_the_tree_reset(r
     record = repo.record(1)
     assert record["outcome"] == "rejected" and "prepare.py" in record["reason"]
     assert (repo.path / "prepare.py").read_text() == text
+
+
+def test_status_times_a_confirmation_from_its_own_start(repo):
+    """A marginal win's confirmation re-runs its commit minutes after the first run began: the
+    clock and the ETA in status are the confirmation's (they read 81/43 s, ETA 0 s, counted from
+    the first run)."""
+    ok(repo.start("--max-experiments", "0"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def ago(seconds):
+        return (now - datetime.timedelta(seconds=seconds)).isoformat(timespec="seconds")
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the confirming experiment.py
+    try:
+        marker = {"pid": runner.pid, "host": os.uname().nodename, "boot_id": common.boot_id()}
+        pending = {"id": "0002", "state": "finished", "description": "a marginal win", "started_at": ago(600),
+                   "pid": 1, "host": "elsewhere", "boot_id": "", "run_dir": "runs/0002-abcdef0",
+                   "confirmation": {"state": "running", "run_dir": "runs/0003-abcdef0", "seed": 43,
+                                    "started_at": ago(5), **marker}}
+        (repo.path / "runs" / "pending.json").write_text(json.dumps(pending))
+        flight = json.loads(ok(repo.loop("status", "--json")))["in_flight"]
+        assert flight["run"] == "confirmation" and flight["state"] == "running", flight
+        assert 5 <= flight["elapsed_s"] < 60, flight
+        assert re.search(r"in flight: 0002 a marginal win \(running, its confirmation\)", ok(repo.loop("status")))
+    finally:
+        runner.kill()
+        runner.wait()
 
 
 def test_stop_ends_the_run_after_the_current_stage_and_resume_goes_on(repo, tmp_path):
