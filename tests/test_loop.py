@@ -4,7 +4,6 @@ conditions, stage control and status, in real temporary git repositories with a 
 import datetime
 import difflib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -127,21 +126,16 @@ def test_status_times_a_confirmation_from_its_own_start(repo):
 
     def ago(seconds):
         return (now - datetime.timedelta(seconds=seconds)).isoformat(timespec="seconds")
-    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the confirming experiment.py
-    try:
-        marker = {"pid": runner.pid, "host": os.uname().nodename, "boot_id": common.boot_id()}
-        pending = {"id": "0002", "state": "finished", "description": "a marginal win", "started_at": ago(600),
-                   "pid": 1, "host": "elsewhere", "boot_id": "", "run_dir": "runs/0002-abcdef0",
-                   "confirmation": {"state": "running", "run_dir": "runs/0003-abcdef0", "seed": 43,
-                                    "started_at": ago(5), **marker}}
-        (repo.path / "runs" / "pending.json").write_text(json.dumps(pending))
-        flight = json.loads(ok(repo.loop("status", "--json")))["in_flight"]
-        assert flight["run"] == "confirmation" and flight["state"] == "running", flight
-        assert 5 <= flight["elapsed_s"] < 60, flight
-        assert re.search(r"in flight: 0002 a marginal win \(running, its confirmation\)", ok(repo.loop("status")))
-    finally:
-        runner.kill()
-        runner.wait()
+
+    pending = {"id": "0002", "state": "finished", "description": "a marginal win", "started_at": ago(600),
+               "pid": 1, "host": "elsewhere", "boot_id": "", "run_dir": "runs/0002-abcdef0",
+               "confirmation": {"state": "running", "run_dir": "runs/0003-abcdef0", "seed": 43,
+                                "started_at": ago(5), **common.process_marker()}}  # this live process confirms
+    (repo.path / "runs" / "pending.json").write_text(json.dumps(pending))
+    flight = json.loads(ok(repo.loop("status", "--json")))["in_flight"]
+    assert flight["run"] == "confirmation" and flight["state"] == "running", flight
+    assert 5 <= flight["elapsed_s"] < 60, flight
+    assert re.search(r"in flight: 0002 a marginal win \(running, its confirmation\)", ok(repo.loop("status")))
 
 
 def test_stop_ends_the_run_after_the_current_stage_and_resume_goes_on(repo, tmp_path):
