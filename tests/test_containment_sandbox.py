@@ -215,7 +215,7 @@ def test_an_untracked_module_at_the_root_never_runs_in_the_referee(repo, tmp_pat
 # The budget, measured by the helper
 
 
-def budget_session(repo, profile="cpu", budget=1, train_tokens=None):  # noqa: F811
+def budget_session(repo, profile="cpu", budget=2, train_tokens=None):  # noqa: F811
     """A session whose noise runs (burn.py 1.0: exactly the time budget) measured the limit: on a
     time budget the allowance, on a token budget (`train_tokens`) the baseline's compute."""
     manifest_path = repo.cache / "prepared" / "prepared.json"
